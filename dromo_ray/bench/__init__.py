@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (``dromo-ray bench ...``); never timed tests."""

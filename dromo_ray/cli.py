@@ -1,0 +1,161 @@
+"""``dromo-ray`` command line. Parsers live here; each handler lives in its own module and is imported
+lazily so that ``dromo-ray --help`` stays fast.
+
+Handlers have the signature ``run(args: argparse.Namespace) -> int``. User errors (bad config, bad dataset,
+bad checkpoint) become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+class UserError(Exception):
+    """An error whose message is enough: printed as one line, exit code 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from dromo_ray.core.config import ConfigError
+
+    types: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
+    try:
+        from dromo_ray.data.errors import DatasetError
+
+        types.append(DatasetError)
+    except ImportError:  # pragma: no cover - data layer always present in a full install
+        pass
+    return tuple(types)
+
+
+def _handler(module: str, func: str = "run"):
+    def call(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), func)(args)
+
+    return call
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set agent.alpha=0.5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dromo-ray", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # demo ---------------------------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="the whole pipeline on local Ray with an embedded MLflow store (CPU, minutes)")
+    p.add_argument("--out", default="dromo_demo", help="working directory for data, checkpoints and mlflow.db")
+    p.add_argument("--steps", type=int, default=None, help="learner updates (default: the demo's budget)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("dromo_ray.demo"))
+
+    # collect ------------------------------------------------------------------------------------------
+    p = sub.add_parser("collect", help="collect an offline dataset with a real Gymnasium v5 MuJoCo environment")
+    p.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
+    p.add_argument("--policy", default="random", help="'random' or a policy file saved by dromo-ray")
+    p.add_argument("--steps", type=int, required=True, help="transitions to record")
+    p.add_argument("--out", required=True, help="output file (.hdf5 for d4rl; a dataset id or dir for minari)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["d4rl", "minari"], default="d4rl")
+    p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to policy actions")
+    p.set_defaults(func=_handler("dromo_ray.data.collect"))
+
+    # data info ----------------------------------------------------------------------------------------
+    p = sub.add_parser("data", help="inspect datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("info", help="transitions, episodes, returns and normalized score of a dataset")
+    q.add_argument("dataset", help="HDF5 path, D4RL name (hopper-medium-v2) or minari:<id>")
+    q.add_argument("--env", default=None, help="environment key, when the name does not say it")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.data.info"))
+
+    # train / evaluate ---------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="one run of Algorithm 1 on Ray, tracked in MLflow")
+    p.add_argument("config", help="YAML config (see tune_configs/)")
+    _add_set(p)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                   "an embedded sqlite store under out_dir)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="checkpoint directory or file (or an out_dir run name) to continue from")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("dromo_ray.train"))
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint's policy in the real environment")
+    p.add_argument("checkpoint")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("dromo_ray.train", "run_evaluate"))
+
+    # sweep / report -----------------------------------------------------------------------------------
+    p = sub.add_parser("sweep", help="a Ray Tune sweep; every trial is an MLflow run under one parent")
+    p.add_argument("sweep", help="sweep YAML (see tune_configs/)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("dromo_ray.sweep"))
+
+    p = sub.add_parser("report", help="tables and learning curves from MLflow runs")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", default="report")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("dromo_ray.report"))
+
+    # bench --------------------------------------------------------------------------------------------
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    q = bsub.add_parser("learner", help="learner updates/s and achieved GFLOP/s")
+    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo"], default="dromo")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--batch", type=int, default=256)
+    q.add_argument("--steps", type=int, default=50, help="timed updates")
+    q.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.bench.learner"))
+    q = bsub.add_parser("dynamics", help="ensemble training rows/s and model-env transitions/s")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.bench.dynamics"))
+    q = bsub.add_parser("pipeline", help="learner with actors feeding it vs alone; rollout scaling")
+    q.add_argument("--steps", type=int, default=300)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.bench.pipeline"))
+
+    return parser
+
+
+def _version() -> str:
+    from dromo_ray import __version__
+
+    return f"dromo-ray {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = _user_error_types()
+    try:
+        code = args.func(args)
+    except errors as e:  # one line, exit 2
+        msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
+        print(f"dromo-ray {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dromo-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

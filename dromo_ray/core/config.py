@@ -1,0 +1,411 @@
+"""One typed, validated configuration for a dromo_ray run.
+
+Every knob is a dataclass field with a docstring-style comment. YAML files (``tune_configs/``) use the
+same names, nested by section. Construction validates: unknown keys, wrong types and out-of-range values
+raise :class:`ConfigError` naming the offending key (and the file, when one is given).
+
+This module is pure Python (no yaml, no torch) so that every layer can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "cql_rllib")
+Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "cql_rllib"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""
+    """Path to a D4RL-format HDF5 file, a D4RL name (``hopper-medium-v2``) looked up in
+    ``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``, or ``minari:<dataset id>`` from the local Minari root."""
+    env: str = ""
+    """Environment key (``hopper``, ``halfcheetah``, ``walker2d``); inferred from the dataset when empty."""
+
+    def validate(self) -> None:
+        if not self.dataset:
+            raise ConfigError("data.dataset: must name a dataset file, a D4RL name or minari:<id>")
+        if self.env and self.env not in ("hopper", "halfcheetah", "walker2d"):
+            raise ConfigError(f"data.env: unknown environment {self.env!r} (hopper, halfcheetah, walker2d)")
+
+
+@dataclass
+class DynamicsConfig:
+    ensemble_size: int = 7
+    """Number of Gaussian members trained (Alg. 1 line 1)."""
+    num_elites: int = 5
+    """Members with the lowest holdout error used for rollouts."""
+    hidden_dims: tuple[int, ...] = (200, 200, 200, 200)
+    """Hidden layer widths of every member."""
+    learning_rate: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 5e-5
+    """L2 weight decay on every layer (added to the loss, as in MBPO/MOPO)."""
+    batch_size: int = 256
+    """Rows per member per gradient step."""
+    holdout_ratio: float = 0.1
+    """Fraction of D kept out for early stopping and elite selection (at most ``max_holdout`` rows)."""
+    max_holdout: int = 5000
+    """Cap on the holdout rows."""
+    max_epochs: int = 0
+    """Hard cap on training epochs; 0 means train until early stopping."""
+    max_epochs_since_update: int = 5
+    """Stop after this many epochs without a 1% holdout improvement of any member."""
+    logvar_loss_coef: float = 0.01
+    """Weight of the soft log-variance bound regulariser (max_logvar - min_logvar)."""
+    bootstrap: bool = False
+    """Train each member on its own bootstrap resample of D."""
+    recalibrate: bool = True
+    """Fit a per-dimension variance scale on holdout (appendix A) and report calibration before/after."""
+    num_trainers: int = 1
+    """Ray actors that train members in parallel (members are split among them, then merged)."""
+
+    def validate(self) -> None:
+        _positive(self, "dynamics", "ensemble_size", "num_elites", "batch_size", "max_holdout",
+                  "max_epochs_since_update", "num_trainers")
+        if self.num_elites > self.ensemble_size:
+            raise ConfigError("dynamics.num_elites: must be <= dynamics.ensemble_size")
+        if self.num_trainers > self.ensemble_size:
+            raise ConfigError("dynamics.num_trainers: must be <= dynamics.ensemble_size")
+        if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
+            raise ConfigError("dynamics.hidden_dims: must be a non-empty list of positive widths")
+        if not 0.0 < self.holdout_ratio < 1.0:
+            raise ConfigError("dynamics.holdout_ratio: must be in (0, 1)")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.logvar_loss_coef < 0 or self.max_epochs < 0:
+            raise ConfigError("dynamics: learning_rate must be > 0; weight_decay, logvar_loss_coef, max_epochs >= 0")
+
+
+@dataclass
+class AgentConfig:
+    algorithm: str = "dromo"
+    """One of dromo, combo (alpha=0), mopo, mopo_auto (appendix B), mbpo (alpha=beta=0), cql_rllib."""
+    hidden_dims: tuple[int, ...] = (256, 256, 256)
+    """Hidden widths of the actor and of each critic."""
+    actor_lr: float = 1e-4
+    critic_lr: float = 3e-4
+    entropy_lr: float = 1e-4
+    """Learning rate of the SAC entropy temperature (R(pi) of Eq. 14)."""
+    gamma: float = 0.99
+    tau: float = 0.005
+    """Polyak rate of the target critics and the target policy (Alg. 1 line 7)."""
+    batch_size: int = 256
+    f: float = 0.5
+    """Weight of the *dataset* in d_f = f d + (1-f) rho and pi^f = f pi^beta + (1-f) pi (Theorem 4.2)."""
+    auto_entropy: bool = True
+    """Learn the SAC temperature towards ``target_entropy``."""
+    init_entropy_coef: float = 1.0
+    target_entropy: float | None = None
+    """Defaults to -|A|."""
+    alpha: float = 1.0
+    """DROMO variance-penalty weight (Eq. 13 second term). Forced to 0 for combo/mbpo/mopo."""
+    beta: float = 1.0
+    """Conservative weight (Eq. 13 third term). Forced to 0 for mbpo/mopo."""
+    num_actions: int = 10
+    """M: actions sampled per state for Var_{pi^f} Q and for the log-sum-exp conservative form."""
+    variance_form: str = "action"
+    """``action``: Eq. 13, variance over pi^f per state; ``strict``: Eq. 17, variance across the batch."""
+    density: str = "kde"
+    """|D| d^{pi^beta}(s) estimator: ``constant`` (every state counts |D|) or ``kde``."""
+    kde_bandwidth: float = 1.0
+    """Gaussian kernel bandwidth in normalised-state units."""
+    kde_subsample: int = 2048
+    """Dataset states kept (fixed subsample) as KDE centres."""
+    density_floor: float = 1.0
+    """Lower clip of the estimated |D(s)| count."""
+    conservative_form: str = "logsumexp"
+    """``expectation``: beta (E_rho Q - E_D Q) as in Eq. 13; ``logsumexp``: the COMBO practice."""
+    mopo_lambda: float = 1.0
+    """MOPO reward penalty weight (fixed for mopo; initial value for mopo_auto)."""
+    mopo_uncertainty: str = "max_aleatoric"
+    """u(s,a): ``max_aleatoric``, ``disagreement`` or ``entropy`` (appendix B); mopo_auto uses entropy."""
+    mopo_target_entropy: float = 0.0
+    """delta of appendix B Eq. 30, in nats per output dimension."""
+    mopo_lambda_lr: float = 1e-3
+    """Step size of the dual update of lambda (Eq. 28-30)."""
+    max_grad_norm: float = 0.0
+    """Clip gradients of every network to this norm; 0 disables."""
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"agent.algorithm: unknown {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        _positive(self, "agent", "batch_size", "num_actions", "kde_subsample")
+        for name in ("actor_lr", "critic_lr", "entropy_lr", "init_entropy_coef", "kde_bandwidth",
+                     "density_floor", "mopo_lambda_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"agent.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "tau", "f"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"agent.{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.gamma >= 1.0:
+            raise ConfigError("agent.gamma: must be < 1")
+        for name in ("alpha", "beta", "mopo_lambda", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"agent.{name}: must be >= 0, got {getattr(self, name)}")
+        _choice(self, "agent", "variance_form", ("action", "strict"))
+        _choice(self, "agent", "density", ("constant", "kde"))
+        _choice(self, "agent", "conservative_form", ("expectation", "logsumexp"))
+        _choice(self, "agent", "mopo_uncertainty", ("max_aleatoric", "disagreement", "entropy"))
+        if self.num_actions < 2:
+            raise ConfigError("agent.num_actions: must be >= 2 (a variance needs two samples)")
+        if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
+            raise ConfigError("agent.hidden_dims: must be a non-empty list of positive widths")
+
+    def effective_alpha(self) -> float:
+        """alpha after the algorithm's convention: only DROMO keeps its variance penalty."""
+        return self.alpha if self.algorithm == "dromo" else 0.0
+
+    def effective_beta(self) -> float:
+        """beta after the algorithm's convention: COMBO = DROMO with alpha=0; MBPO/MOPO have no beta."""
+        return self.beta if self.algorithm in ("dromo", "combo") else 0.0
+
+
+@dataclass
+class RolloutConfig:
+    horizon: int = 5
+    """H: model steps per rollout (Alg. 1 line 4)."""
+    batch_size: int = 50_000
+    """K: start states sampled from D per rollout round (split across workers)."""
+    interval: int = 1000
+    """Learner updates between rollout rounds (synchronous mode) / nominal round period."""
+    model_buffer_size: int = 2_000_000
+    """Capacity of the FIFO D_model."""
+    deterministic: bool = False
+    """Use the model mean instead of a sample."""
+
+    def validate(self) -> None:
+        _positive(self, "rollout", "horizon", "batch_size", "interval", "model_buffer_size")
+
+
+@dataclass
+class RuntimeConfig:
+    synchronous: bool = False
+    """Interleave rollouts and updates deterministically (bitwise-reproducible on CPU)."""
+    num_rollout_workers: int = 2
+    num_evaluators: int = 1
+    rollout_worker_cpus: float = 1.0
+    evaluator_cpus: float = 1.0
+    dynamics_trainer_cpus: float = 1.0
+    learner_cpus: float = 1.0
+    learner_gpus: float = -1.0
+    """GPUs for the learner; -1 means one GPU when the cluster has one, else CPU."""
+    rollout_worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources that steer rollout workers (e.g. {rollout_node: 0.01})."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources that steer the learner."""
+    weight_sync_interval: int = 250
+    """Learner updates between publishing target-policy weights to rollout workers."""
+    replay_chunk_batches: int = 64
+    """Model batches fetched from the replay actor per RPC."""
+    torch_threads: int = 1
+    """Torch intra-op threads per actor process (2-core machines collapse with more)."""
+    max_worker_restarts: int = 3
+
+    def validate(self) -> None:
+        _positive(self, "runtime", "weight_sync_interval", "replay_chunk_batches", "torch_threads")
+        if self.num_rollout_workers < 1:
+            raise ConfigError("runtime.num_rollout_workers: must be >= 1")
+        if self.num_evaluators < 0:
+            raise ConfigError("runtime.num_evaluators: must be >= 0")
+        for name in ("rollout_worker_cpus", "evaluator_cpus", "dynamics_trainer_cpus", "learner_cpus"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"runtime.{name}: must be > 0")
+        if self.learner_gpus < -1:
+            raise ConfigError("runtime.learner_gpus: must be -1 (auto) or >= 0")
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 1_000_000
+    """Learner updates in the run."""
+    eval_interval: int = 10_000
+    eval_episodes: int = 10
+    log_interval: int = 1000
+    checkpoint_interval: int = 50_000
+    final_score_last_n: int = 10
+    """The reported score is the mean of the last N evaluations (never the max)."""
+    max_episode_steps: int = 1000
+    """Step limit of evaluation episodes in the real environment."""
+
+    def validate(self) -> None:
+        _positive(self, "train", "total_steps", "eval_interval", "eval_episodes", "log_interval",
+                  "checkpoint_interval", "final_score_last_n", "max_episode_steps")
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "dromo_ray"
+    """MLflow experiment name."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI or an embedded sqlite store under out_dir."""
+    run_name: str = ""
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise ConfigError("tracking.experiment: must not be empty")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    out_dir: str = "dromo_runs"
+    """Where checkpoints and the embedded MLflow store live."""
+    data: DataConfig = field(default_factory=DataConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> ExperimentConfig:
+        if self.seed < 0:
+            raise ConfigError("seed: must be >= 0")
+        _choice(self, "", "device", ("auto", "cpu", "cuda"))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic strict construction from nested dicts (used by YAML, --set and Tune).
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain nested dict/list/scalars (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'agent': {'alpha': 1}} -> {'agent.alpha': 1}; ``*_resources`` mappings stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not key.endswith("_resources"):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, key + ".")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "") -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig`; errors name the source and the key."""
+    try:
+        if not isinstance(data, dict):
+            raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}")
+        return _build(ExperimentConfig, data, "").validate()
+    except ConfigError as e:
+        if source:
+            raise ConfigError(f"{source}: {e}") from None
+        raise
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``agent.alpha``) in a nested dict, returning a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{dotted}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{section}.{n}: must be > 0, got {getattr(obj, n)}")
+
+
+def _choice(obj: Any, section: str, name: str, choices: tuple[str, ...]) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        key = f"{section}.{name}" if section else name
+        raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
