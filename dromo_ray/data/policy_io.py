@@ -1,0 +1,92 @@
+"""Policy files: a small torch file that ``dromo-ray collect --policy PATH`` and evaluators load safely.
+
+Format (``torch.save`` of plain containers, loaded with ``weights_only=True``)::
+
+    {"format": "dromo_ray.policy/1", "obs_dim": int, "act_dim": int, "hidden": [int, ...],
+     "state_dict": TanhGaussianActor state dict, "obs_mean": tensor | None, "obs_std": tensor | None,
+     "meta": {str: str | int | float}}
+
+Any policy (a DROMO actor, an RLlib SAC module converted to a TanhGaussianActor) travels in this one form.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dromo_ray.core.nets import TanhGaussianActor
+from dromo_ray.data.errors import DatasetError
+
+FORMAT = "dromo_ray.policy/1"
+PolicyFn = Callable[[np.ndarray], np.ndarray]
+
+
+def save_policy(path: str | os.PathLike, actor: TanhGaussianActor, obs_mean: np.ndarray | None = None,
+                obs_std: np.ndarray | None = None, meta: dict[str, Any] | None = None) -> Path:
+    """Write atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": FORMAT,
+        "obs_dim": actor.obs_dim,
+        "act_dim": actor.act_dim,
+        "hidden": list(actor.hidden),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in actor.state_dict().items()},
+        "obs_mean": None if obs_mean is None else torch.as_tensor(obs_mean, dtype=torch.float32),
+        "obs_std": None if obs_std is None else torch.as_tensor(obs_std, dtype=torch.float32),
+        "meta": dict(meta or {}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class LoadedPolicy:
+    """obs (B, D_o) float -> actions (B, D_a) in [-1, 1] as numpy; stochastic unless deterministic."""
+
+    def __init__(self, actor: TanhGaussianActor, obs_mean: torch.Tensor | None, obs_std: torch.Tensor | None,
+                 meta: dict[str, Any], deterministic: bool = True, seed: int = 0) -> None:
+        self.actor = actor.eval()
+        self.obs_mean, self.obs_std, self.meta = obs_mean, obs_std, meta
+        self.deterministic = deterministic
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
+        if self.obs_mean is not None and self.obs_std is not None:
+            x = (x - self.obs_mean) / self.obs_std
+        a, _ = self.actor.sample(x, generator=self.generator, deterministic=self.deterministic)
+        return a.numpy()
+
+
+def load_policy(path: str | os.PathLike, deterministic: bool = True, seed: int = 0) -> LoadedPolicy:
+    """Load a policy file; a bad file raises :class:`DatasetError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(str(path), "policy file does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise DatasetError(str(path), f"not a dromo_ray policy file ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise DatasetError(str(path), f"not a dromo_ray policy file (expected format {FORMAT})", key="format")
+    actor = TanhGaussianActor(int(blob["obs_dim"]), int(blob["act_dim"]), tuple(int(h) for h in blob["hidden"]))
+    try:
+        actor.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise DatasetError(str(path), f"weights do not match the stated sizes: {e}", key="state_dict") from None
+    return LoadedPolicy(actor, blob.get("obs_mean"), blob.get("obs_std"), dict(blob.get("meta") or {}),
+                        deterministic=deterministic, seed=seed)
