@@ -24,6 +24,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
     try:
+        from dromo_ray.runtime.checkpoint import CheckpointError
+
+        types.append(CheckpointError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from dromo_ray.data.errors import DatasetError
 
         types.append(DatasetError)

@@ -154,6 +154,9 @@ class AgentConfig:
         _choice(self, "agent", "density", ("constant", "kde"))
         _choice(self, "agent", "conservative_form", ("expectation", "logsumexp"))
         _choice(self, "agent", "mopo_uncertainty", ("max_aleatoric", "disagreement", "entropy"))
+        if self.algorithm != "cql_rllib" and not 0.0 < self.f < 1.0:
+            raise ConfigError(f"agent.f: must be in (0, 1) for model-based algorithms (a d_f batch needs rows "
+                              f"from D and from D_model), got {self.f}")
         if self.num_actions < 2:
             raise ConfigError("agent.num_actions: must be >= 2 (a variance needs two samples)")
         if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):

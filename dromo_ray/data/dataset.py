@@ -1,0 +1,272 @@
+"""The offline dataset D: one typed container of transitions, and :func:`load_dataset` that finds one.
+
+Rows are transitions ``(s, a, r, s', terminal)``. Shapes: N rows, D_o observation dims, D_a action dims.
+Rows of one episode are contiguous and in time order; no row crosses an episode boundary, so inside an
+episode ``next_observations[i] == observations[i + 1]``. An episode ends after a row with ``terminals``
+(the environment terminated: no bootstrap) or ``timeouts`` (the episode was cut: bootstrap from s').
+The last episode may end with neither flag: collection stopped in the middle of it (a *partial* episode).
+
+``load_dataset`` accepts a D4RL-format HDF5 path, a D4RL name looked up in the local D4RL cache, or
+``minari:<dataset id>`` from the local Minari root. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dromo_ray.core.envs import EnvSpec, get_env_spec
+from dromo_ray.core.types import NumpyBatch
+from dromo_ray.data.errors import DatasetError
+
+STD_FLOOR = 1e-3
+"""Lower bound of ``obs_std``: constant observation dims must not blow up normalisation."""
+
+
+@dataclass(frozen=True, eq=False)
+class OfflineDataset:
+    """Transitions of an offline dataset D, one row each, episodes contiguous.
+
+    ``infos`` holds optional per-row arrays (first axis N), e.g. ``qpos``/``qvel`` (the MuJoCo state
+    matching ``observations[i]``) and ``next_qpos``/``next_qvel`` (the state matching
+    ``next_observations[i]``). Arrays are coerced to the documented dtypes on construction and their
+    shapes checked; a mismatch raises :class:`DatasetError` naming ``source`` and the key.
+    """
+
+    observations: np.ndarray
+    """(N, D_o) float32."""
+    actions: np.ndarray
+    """(N, D_a) float32."""
+    rewards: np.ndarray
+    """(N,) float32."""
+    next_observations: np.ndarray
+    """(N, D_o) float32: the real successor of ``observations[i]`` (also at timeouts)."""
+    terminals: np.ndarray
+    """(N,) bool: the environment terminated after this row (done for Q-learning)."""
+    timeouts: np.ndarray
+    """(N,) bool: the episode was cut after this row (not done: bootstrap from next_observations)."""
+    episode_starts: np.ndarray
+    """(N,) bool: this row is the first of an episode (row 0 always is)."""
+    env_id: str
+    """Registry key of :data:`dromo_ray.core.envs.ENVS` (``hopper``, ``halfcheetah``, ``walker2d``)."""
+    source: str = ""
+    """Where the data came from (a file path, ``minari:<id>``, ``collect:<env>``)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (collector settings, versions, rows dropped on load, ...)."""
+    infos: dict[str, np.ndarray] = field(default_factory=dict)
+    """Optional per-row arrays, first axis N."""
+
+    def __post_init__(self) -> None:
+        src = self.source or "<dataset>"
+        coerce = {
+            "observations": np.float32, "actions": np.float32, "rewards": np.float32,
+            "next_observations": np.float32, "terminals": np.bool_, "timeouts": np.bool_,
+            "episode_starts": np.bool_,
+        }
+        for name, dtype in coerce.items():
+            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=dtype))
+        n = self.observations.shape[0]
+        if self.observations.ndim != 2 or self.actions.ndim != 2:
+            raise DatasetError(src, "observations and actions must be 2-D (N, D)", "observations")
+        if self.next_observations.shape != self.observations.shape:
+            raise DatasetError(src, f"shape {self.next_observations.shape} differs from observations "
+                               f"{self.observations.shape}", "next_observations")
+        for name in ("actions", "rewards", "terminals", "timeouts", "episode_starts"):
+            arr = getattr(self, name)
+            if arr.shape[0] != n or (name != "actions" and arr.ndim != 1):
+                raise DatasetError(src, f"shape {arr.shape} does not match {n} rows", name)
+        for name, arr in self.infos.items():
+            if np.shape(arr)[:1] != (n,):
+                raise DatasetError(src, f"shape {np.shape(arr)} does not match {n} rows", f"infos/{name}")
+        if n and not self.episode_starts[0]:
+            raise DatasetError(src, "row 0 must start an episode", "episode_starts")
+
+    # ---- sizes and statistics ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.observations.shape[0])
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.observations.shape[1])
+
+    @property
+    def act_dim(self) -> int:
+        return int(self.actions.shape[1])
+
+    @property
+    def env_spec(self) -> EnvSpec:
+        return get_env_spec(self.env_id)
+
+    @cached_property
+    def obs_mean(self) -> np.ndarray:
+        """(D_o,) float32 mean of ``observations`` (computed in float64)."""
+        return self.observations.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    @cached_property
+    def obs_std(self) -> np.ndarray:
+        """(D_o,) float32 standard deviation of ``observations``, floored at :data:`STD_FLOOR`."""
+        std = self.observations.std(axis=0, dtype=np.float64)
+        return np.maximum(std, STD_FLOOR).astype(np.float32)
+
+    # ---- episodes ------------------------------------------------------------------------------------
+
+    @cached_property
+    def episode_start_indices(self) -> np.ndarray:
+        """(E,) int64 index of the first row of every episode."""
+        return np.flatnonzero(self.episode_starts).astype(np.int64)
+
+    @property
+    def num_episodes(self) -> int:
+        """Episodes in D, the partial last one included."""
+        return int(self.episode_start_indices.shape[0])
+
+    @cached_property
+    def episode_lengths(self) -> np.ndarray:
+        """(E,) int64 rows per episode, in dataset order."""
+        return np.diff(np.append(self.episode_start_indices, len(self)))
+
+    @property
+    def last_episode_partial(self) -> bool:
+        """True when the last row is neither terminal nor timeout: collection stopped mid-episode."""
+        return len(self) > 0 and not (self.terminals[-1] or self.timeouts[-1])
+
+    def episode_returns(self, include_partial: bool = False) -> np.ndarray:
+        """(E,) float64 undiscounted return of each episode, in dataset order.
+
+        A partial last episode (see :attr:`last_episode_partial`) is *excluded* unless
+        ``include_partial``: its return is not comparable with complete episodes'. When the loader
+        dropped a row whose next observation was unknown (files without ``next_observations``; see
+        ``metadata['dropped_rows']``), that episode's return lacks the dropped reward.
+        """
+        if len(self) == 0:
+            return np.zeros(0, dtype=np.float64)
+        returns = np.add.reduceat(self.rewards.astype(np.float64), self.episode_start_indices)
+        if self.last_episode_partial and not include_partial:
+            returns = returns[:-1]
+        return returns
+
+    # ---- batches -------------------------------------------------------------------------------------
+
+    def as_numpy_batch(self, idx: np.ndarray | slice) -> NumpyBatch:
+        """Rows ``idx`` as a :class:`NumpyBatch`: done = terminals (float32 0/1), unc = 0."""
+        obs = self.observations[idx]
+        return NumpyBatch(
+            obs=obs,
+            act=self.actions[idx],
+            rew=self.rewards[idx],
+            next_obs=self.next_observations[idx],
+            done=self.terminals[idx].astype(np.float32),
+            unc=np.zeros(obs.shape[0], dtype=np.float32),
+        )
+
+    def sample(self, rng: np.random.Generator, n: int) -> NumpyBatch:
+        """``n`` rows drawn uniformly with replacement using ``rng``."""
+        if len(self) == 0:
+            raise DatasetError(self.source or "<dataset>", "cannot sample from an empty dataset")
+        return self.as_numpy_batch(rng.integers(0, len(self), size=int(n)))
+
+    def subset(self, idx: np.ndarray) -> OfflineDataset:
+        """The rows ``idx`` (sorted, unique) as a new dataset; episode starts are recomputed so that a row
+        starts an episode when it did before or when its predecessor in the subset is not row ``i - 1``."""
+        idx = np.unique(np.asarray(idx, dtype=np.int64))
+        starts = self.episode_starts[idx].copy()
+        if idx.size:
+            starts[0] = True
+            starts[1:] |= np.diff(idx) != 1
+        return OfflineDataset(
+            self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+            self.terminals[idx], self.timeouts[idx], starts, self.env_id, self.source, dict(self.metadata),
+            {k: v[idx] for k, v in self.infos.items()},
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding a dataset by name.
+
+
+def d4rl_dataset_dir() -> Path:
+    """``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets`` (D4RL's own cache location)."""
+    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
+
+
+_D4RL_NAME = re.compile(r"^(?P<base>[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*?)-v(?P<version>\d+)$")
+
+
+def d4rl_filenames(name: str) -> list[str]:
+    """Candidate file names of a D4RL name, D4RL's naming first.
+
+    ``hopper-medium-v2`` -> ``hopper_medium-v2.hdf5``; ``hopper-medium-replay-v2`` ->
+    ``hopper_medium_replay-v2.hdf5``; v0 files were named without the version (``hopper_medium.hdf5``).
+    """
+    m = _D4RL_NAME.match(name)
+    if not m:
+        return [name + ".hdf5"]
+    base = m["base"].replace("-", "_")
+    return [f"{base}-v{m['version']}.hdf5", f"{base}.hdf5", f"{name}.hdf5"]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (os.sep in spec or "/" in spec or spec.endswith((".hdf5", ".h5")) or spec.startswith(".")
+            or Path(spec).exists())
+
+
+def resolve_env(env: str | None, *hints: str | None, obs_dim: int | None = None,
+                source: str = "<dataset>") -> EnvSpec:
+    """The environment of a dataset: ``env`` when given, else the first hint (metadata value, file or
+    dataset name) that names a registry environment, else the only registry entry with ``obs_dim``."""
+    from dromo_ray.core.envs import ENVS
+
+    if env:
+        try:
+            return get_env_spec(env)
+        except KeyError:
+            raise DatasetError(source, f"unknown environment {env!r}; known: {', '.join(ENVS)}",
+                               "env") from None
+    for hint in hints:
+        if not hint:
+            continue
+        try:
+            return get_env_spec(str(hint))
+        except KeyError:
+            continue
+    if obs_dim is not None:
+        matches = [s for s in ENVS.values() if s.obs_dim == obs_dim]
+        if len(matches) == 1:
+            return matches[0]
+    raise DatasetError(source, "cannot tell the environment from the metadata or the name; "
+                       f"pass --env ({', '.join(ENVS)})", "env")
+
+
+def load_dataset(spec: str, env: str | None = None) -> OfflineDataset:
+    """Load a dataset from a D4RL-format HDF5 path, a D4RL name or ``minari:<dataset id>``.
+
+    D4RL names (``hopper-medium-v2``) are looked up as ``hopper_medium-v2.hdf5`` in ``$D4RL_DATASET_DIR``
+    or ``~/.d4rl/datasets``; Minari ids in ``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``. Nothing is
+    downloaded. ``env`` (a registry key or Gymnasium id) overrides the environment otherwise inferred from
+    the file's metadata or name. Every problem raises one :class:`DatasetError`.
+    """
+    spec = str(spec)
+    if spec.startswith("minari:"):
+        from dromo_ray.data.minari_io import load_minari
+
+        return load_minari(spec[len("minari:"):], env=env)
+
+    from dromo_ray.data.d4rl_io import read_d4rl
+
+    if _looks_like_path(spec):
+        return read_d4rl(spec, env=env)
+    root = d4rl_dataset_dir()
+    candidates = [root / f for f in d4rl_filenames(spec)]
+    for path in candidates:
+        if path.exists():
+            return read_d4rl(path, env=env, name=spec)
+    tried = ", ".join(p.name for p in dict.fromkeys(candidates))
+    raise DatasetError(spec, f"no such file, and no D4RL dataset named so in {root} (looked for {tried}); "
+                       "nothing is downloaded: place the file there or set $D4RL_DATASET_DIR")

@@ -1,0 +1,333 @@
+"""Ray actors: each a thin shell around one core object (STYLE.md principle 2).
+
+The classes are plain Python; :func:`remote` turns one into an actor class with the resources the config
+asks for. Nothing here imports MLflow or Tune.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from dromo_ray.core.buffer import ReplayBuffer
+from dromo_ray.core.config import AgentConfig, DynamicsConfig, ExperimentConfig
+from dromo_ray.core.envs import get_env_spec
+from dromo_ray.core.learner import DatasetSampler, LearnerCore, numpy_rng_state, set_numpy_rng_state
+from dromo_ray.core.nets import TanhGaussianActor
+from dromo_ray.core.threads import set_torch_threads
+from dromo_ray.core.types import NumpyBatch
+
+
+def pick_device(requested: str, gpus: float) -> torch.device:
+    if requested == "cpu" or gpus == 0 or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def dataset_arrays(dataset: Any) -> NumpyBatch:
+    """OfflineDataset -> NumpyBatch view (no copies of the zero-copy object-store arrays beyond dtype fixes)."""
+    n = len(dataset)
+    return NumpyBatch(
+        np.asarray(dataset.observations, dtype=np.float32),
+        np.asarray(dataset.actions, dtype=np.float32),
+        np.asarray(dataset.rewards, dtype=np.float32),
+        np.asarray(dataset.next_observations, dtype=np.float32),
+        np.asarray(dataset.terminals, dtype=np.float32),
+        np.zeros(n, dtype=np.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+class DynamicsTrainer:
+    """Trains a subset of the ensemble's members (Alg. 1 line 1); members of several trainers are merged."""
+
+    def __init__(self, obs_dim: int, act_dim: int, cfg: DynamicsConfig, num_members: int, seed: int,
+                 torch_threads: int = 1) -> None:
+        set_torch_threads(torch_threads)
+        from dromo_ray.core import dynamics
+
+        torch.manual_seed(seed)
+        self.model = dynamics.EnsembleDynamics(obs_dim, act_dim, cfg, num_members=num_members)
+        self.cfg, self.seed = cfg, seed
+
+    def fit(self, dataset: Any, train_idx: np.ndarray, holdout_idx: np.ndarray) -> dict[str, Any]:
+        from dromo_ray.core import dynamics
+
+        arrays = dataset_arrays(dataset)
+        inputs, targets = dynamics.make_training_data(arrays.obs, arrays.act, arrays.rew, arrays.next_obs)
+        trainer = dynamics.DynamicsTrainer(self.model, self.cfg)
+        metrics = trainer.fit(inputs, targets, train_idx=train_idx, holdout_idx=holdout_idx,
+                              rng=np.random.default_rng(self.seed))
+        state = {k: v.cpu() for k, v in self.model.state_dict().items()}
+        return {"state": state, "metrics": metrics}
+
+
+class BehaviorFitter:
+    """Fits pi^beta by maximum likelihood, in parallel with the dynamics trainers."""
+
+    def __init__(self, torch_threads: int = 1) -> None:
+        set_torch_threads(torch_threads)
+
+    def fit(self, dataset: Any, hidden: tuple[int, ...], steps: int, seed: int) -> dict[str, Any]:
+        from dromo_ray.core.behavior import fit_behavior_policy
+
+        actor, metrics = fit_behavior_policy(np.asarray(dataset.observations), np.asarray(dataset.actions),
+                                             hidden=hidden, steps=steps, seed=seed, device="cpu")
+        return {"state": {k: v.cpu() for k, v in actor.state_dict().items()}, "metrics": metrics}
+
+
+# --------------------------------------------------------------------------------------------------------
+class ReplayServer:
+    """D_model: a bounded FIFO buffer that serves the learner in chunks of many batches."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, seed: int) -> None:
+        self.buffer = ReplayBuffer(capacity, obs_dim, act_dim)
+        self.rng = np.random.default_rng(seed)
+        self.added = 0
+
+    def add(self, batch: NumpyBatch) -> int:
+        self.buffer.add(batch)
+        self.added += len(batch)
+        return len(self.buffer)
+
+    def size(self) -> int:
+        return len(self.buffer)
+
+    def sample_chunk(self, num_batches: int, batch_size: int) -> NumpyBatch:
+        return self.buffer.sample_chunk(num_batches, batch_size, self.rng)
+
+    def stats(self) -> dict[str, float]:
+        return {"replay/size": float(len(self.buffer)), "replay/added": float(self.added)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict(), "rng": numpy_rng_state(self.rng), "added": self.added}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        set_numpy_rng_state(self.rng, state["rng"])
+        self.added = int(state["added"])
+
+
+# --------------------------------------------------------------------------------------------------------
+class RolloutWorker:
+    """Holds the elite ensemble and the latest target policy (inference only); rolls H steps from states of D.
+
+    Synchronous mode: the driver calls :meth:`rollout` with an explicit seed per round. Asynchronous mode:
+    :meth:`start` runs a background loop that produces ``starts_per_publish`` start states' worth of
+    transitions for every policy publish and pushes them to the replay actor, paced by the learner.
+    """
+
+    def __init__(self, worker_index: int, cfg: ExperimentConfig, env_key: str, dynamics_state: dict[str, Any],
+                 dataset: Any, policy_state: dict[str, Any], replay: Any = None) -> None:
+        set_torch_threads(cfg.runtime.torch_threads)
+        from dromo_ray.core import dynamics
+        from dromo_ray.core.model_env import ModelEnv
+
+        spec = get_env_spec(env_key)
+        self.index, self.cfg = worker_index, cfg
+        model = dynamics.EnsembleDynamics.from_state_dict(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics)
+        self.model_env = ModelEnv(model.eval(), spec.termination_fn, penalty=_penalty_kind(cfg.agent))
+        self.start_obs = torch.as_tensor(np.asarray(dataset.observations, dtype=np.float32))
+        self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, cfg.agent.hidden_dims)
+        self.actor.load_state_dict(policy_state)
+        self.actor.eval()
+        self.policy_version = 0
+        self.replay = replay
+        self._lock = threading.Lock()
+        self._pending_rounds = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.transitions = 0
+        self.busy_s = 0.0
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + worker_index)
+
+    def set_policy(self, policy_state: dict[str, Any], version: int, rounds: int = 0,
+                   starts_per_round: int = 0) -> int:
+        """Install new target-policy weights; ``rounds`` more rollout rounds are owed (async mode).
+
+        The background loop starts on the first owed round, also after Ray restarted a killed worker.
+        """
+        with self._lock:
+            self.actor.load_state_dict(policy_state)
+            self.policy_version = version
+            self._pending_rounds += rounds
+        if rounds and starts_per_round:
+            self.start(starts_per_round)
+        return version
+
+    @torch.no_grad()
+    def rollout(self, num_starts: int, seed: int | None = None) -> tuple[NumpyBatch, dict[str, float]]:
+        from dromo_ray.core.rollout import rollout
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        t0 = time.perf_counter()
+        idx = torch.randint(self.start_obs.shape[0], (num_starts,), generator=gen)
+        with self._lock:
+            batch, stats = rollout(self.model_env, self.actor, self.start_obs[idx], self.cfg.rollout.horizon, gen,
+                                   deterministic_model=self.cfg.rollout.deterministic)
+        self.busy_s += time.perf_counter() - t0
+        self.transitions += len(batch)
+        return batch, stats
+
+    # async mode -----------------------------------------------------------------------------------------
+    def start(self, starts_per_round: int) -> bool:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, args=(starts_per_round,), daemon=True)
+            self._thread.start()
+        return True
+
+    def _loop(self, starts_per_round: int) -> None:
+        in_flight: list[Any] = []
+        while not self._stop.is_set():
+            with self._lock:
+                owed = self._pending_rounds
+                if owed:
+                    self._pending_rounds -= 1
+            if not owed:
+                time.sleep(0.005)
+                continue
+            batch, _ = self.rollout(starts_per_round)
+            in_flight.append(self.replay.add.remote(batch))
+            if len(in_flight) > 2:  # bound memory: wait for the oldest push
+                ray.wait(in_flight[:1])
+                in_flight.pop(0)
+
+    def stop(self) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        return True
+
+    def stats(self) -> dict[str, float]:
+        return {"transitions": float(self.transitions), "busy_s": self.busy_s,
+                "pending_rounds": float(self._pending_rounds), "policy_version": float(self.policy_version)}
+
+    def ping(self) -> int:
+        return self.index
+
+
+def _penalty_kind(agent: AgentConfig) -> str:
+    return "entropy" if agent.algorithm == "mopo_auto" else agent.mopo_uncertainty
+
+
+# --------------------------------------------------------------------------------------------------------
+class Learner:
+    """Wraps :class:`LearnerCore`: the agent updates on d_f batches, model rows fetched from the replay actor.
+
+    Asynchronous mode prefetches the next chunk while the current one is consumed, so the RPC overlaps
+    compute; synchronous mode fetches on demand so that the sample stream is deterministic.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, env_key: str, dataset: Any, replay: Any,
+                 behavior_state: dict[str, Any] | None, density_state: dict[str, Any] | None,
+                 num_gpus: float = 0.0) -> None:
+        set_torch_threads(cfg.runtime.torch_threads)
+        from dromo_ray.core.agents import make_agent
+        from dromo_ray.core.density import density_from_state
+
+        spec = get_env_spec(env_key)
+        self.cfg = cfg
+        self.device = pick_device(cfg.device, num_gpus)
+        behavior = None
+        if behavior_state is not None:
+            behavior = TanhGaussianActor(spec.obs_dim, spec.act_dim, _behavior_hidden(cfg))
+            behavior.load_state_dict(behavior_state)
+        density = density_from_state(density_state) if density_state is not None else None
+        self.agent = make_agent(cfg.agent, spec.obs_dim, spec.act_dim, device=self.device, seed=cfg.seed,
+                                behavior=behavior, density=density, dataset_size=len(dataset))
+        sampler = DatasetSampler(dataset_arrays(dataset), self.device, seed=cfg.seed + 17)
+        self.replay = replay
+        self._prefetch: Any = None
+        self.core = LearnerCore(self.agent, sampler, cfg.agent.batch_size, cfg.agent.f, self._fetch,
+                                chunk_batches=cfg.runtime.replay_chunk_batches)
+        self.compute_s = 0.0
+
+    def _fetch(self, num_batches: int, batch_size: int) -> NumpyBatch:
+        if self.cfg.runtime.synchronous:
+            return ray.get(self.replay.sample_chunk.remote(num_batches, batch_size))
+        ref = self._prefetch or self.replay.sample_chunk.remote(num_batches, batch_size)
+        self._prefetch = self.replay.sample_chunk.remote(self.cfg.runtime.replay_chunk_batches, batch_size)
+        return ray.get(ref)
+
+    def train(self, num_updates: int) -> dict[str, Any]:
+        wait0 = self.core.data_wait_s
+        t0 = time.perf_counter()
+        metrics = self.core.train(num_updates)
+        dt = time.perf_counter() - t0
+        wait = self.core.data_wait_s - wait0
+        self.compute_s += dt
+        metrics.update({
+            "perf/learner_updates_per_s": num_updates / dt,
+            "perf/learner_wait_fraction": wait / dt if dt > 0 else 0.0,
+        })
+        return {"metrics": metrics, "step": self.core.steps}
+
+    def policy_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Inference-only weights: the target policy (rollouts) and the current policy (evaluation)."""
+        return {
+            "target": self.agent.target_policy_state(),
+            "current": {k: v.detach().cpu().clone() for k, v in self.agent.actor.state_dict().items()},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return _to_cpu(self.core.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        self.core.load_state_dict(state)
+        return self.core.steps
+
+    def device_name(self) -> str:
+        return str(self.device)
+
+
+def _behavior_hidden(cfg: ExperimentConfig) -> tuple[int, ...]:
+    return (256, 256) if cfg.agent.hidden_dims[0] >= 256 else tuple(cfg.agent.hidden_dims[:2])
+
+
+def _to_cpu(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------
+class Evaluator:
+    """Runs a policy in the real MuJoCo environment (vectorised) and reports return and normalized score."""
+
+    def __init__(self, env_key: str, hidden: tuple[int, ...], max_episode_steps: int = 1000) -> None:
+        set_torch_threads(1)
+        spec = get_env_spec(env_key)
+        self.env_key, self.max_steps = env_key, max_episode_steps
+        self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, hidden).eval()
+
+    @torch.no_grad()
+    def evaluate(self, policy_state: dict[str, Any], episodes: int, seed: int) -> dict[str, Any]:
+        from dromo_ray.data.gym_env import evaluate_policy
+
+        self.actor.load_state_dict(policy_state)
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            return self.actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+        res = evaluate_policy(act, self.env_key, episodes=episodes, seed=seed, max_episode_steps=self.max_steps)
+        return {"eval/return_mean": float(res.mean_return), "eval/return_std": float(np.std(res.returns)),
+                "eval/normalized_score": float(res.mean_normalized),
+                "eval/episode_length": float(np.mean(res.lengths))}
+
+
+def remote(cls: type, *, num_cpus: float, num_gpus: float = 0.0, resources: dict[str, float] | None = None,
+           max_restarts: int = 0, max_concurrency: int = 1) -> Any:
+    """``ray.remote`` with the config's resources."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                      max_restarts=max_restarts, max_task_retries=-1 if max_restarts else 0,
+                      max_concurrency=max_concurrency)(cls)

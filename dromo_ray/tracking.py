@@ -1,0 +1,148 @@
+"""Tracking behind a small protocol, with an MLflow implementation (edge layer).
+
+MLflow defaults to an embedded sqlite store under the run's ``out_dir`` (MLflow 3's file store is in
+maintenance mode); ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` point at a shared server instead.
+Params are the flattened config, metrics are namespaced (``train/``, ``dynamics/``, ``eval/``, ``perf/``),
+tags name algorithm, dataset and seed so the MLflow UI can group and compare runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from dromo_ray.core.config import ExperimentConfig, flatten, to_dict
+
+MAX_PARAM_LEN = 6000
+
+
+class Tracker(Protocol):
+    run_id: str
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def end(self, status: str = "FINISHED", reason: str = "") -> None: ...
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = Path(out_dir).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:
+    return cli_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.out_dir)
+
+
+def run_tags(cfg: ExperimentConfig, env_key: str) -> dict[str, str]:
+    return {
+        "algorithm": cfg.agent.algorithm,
+        "dataset": Path(cfg.data.dataset).stem if cfg.data.dataset.endswith(".hdf5") else cfg.data.dataset,
+        "env": env_key,
+        "seed": str(cfg.seed),
+    }
+
+
+def config_params(cfg: ExperimentConfig) -> dict[str, str]:
+    return {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(to_dict(cfg)).items()}
+
+
+class MlflowTracker:
+    """One MLflow run, driven through ``MlflowClient`` (no global fluent state, safe inside Tune trials)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
+                 run_id: str | None = None, parent_run_id: str | None = None) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name or None)
+            self.run_id = run.info.run_id
+        self._ended = False
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def end(self, status: str = "FINISHED", reason: str = "") -> None:
+        if self._ended:
+            return
+        if reason:
+            self.set_tags({"failure_reason": reason[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+        self._ended = True
+
+
+def learning_curve_png(history: list[tuple[int, dict[str, float]]], path: str | Path, title: str = "") -> Path | None:
+    """Plot eval/normalized_score (and train/critic_loss when present) against learner steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = [(s, m["eval/normalized_score"]) for s, m in history if "eval/normalized_score" in m]
+    loss = [(s, m["train/critic_loss"]) for s, m in history if "train/critic_loss" in m]
+    if not score and not loss:
+        return None
+    fig, axes = plt.subplots(1, 2 if loss else 1, figsize=(10 if loss else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
+    if score:
+        ax.plot(*zip(*score, strict=True), marker="o")
+    ax.set_xlabel("learner updates")
+    ax.set_ylabel("D4RL normalized score")
+    ax.set_title(title or "evaluation")
+    ax.grid(alpha=0.3)
+    if loss:
+        ax2 = axes[0][1]
+        ax2.plot(*zip(*loss, strict=True))
+        ax2.set_xlabel("learner updates")
+        ax2.set_ylabel("critic loss")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
