@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
     p.add_argument("--policy", default="random", help="'random' or a policy file saved by dromo-ray")
     p.add_argument("--steps", type=int, required=True, help="transitions to record")
-    p.add_argument("--out", required=True, help="output file (.hdf5 for d4rl; a dataset id or dir for minari)")
+    p.add_argument("--out", required=True,
+                   help="output file (.hdf5) for d4rl; a dataset id (namespace/name-v0) for minari")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["d4rl", "minari"], default="d4rl")
     p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to policy actions")
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except errors as e:  # one line, exit 2
         msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
+        msg = " ".join(msg.split())  # one line, whatever the underlying library printed
         print(f"dromo-ray {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,3 +11,31 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from dromo_ray.core.threads import set_torch_threads  # noqa: E402
 
 set_torch_threads(1)
+
+
+# ---- small real datasets (data layer) -------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+TINY_HOPPER_STEPS = 1500
+"""Transitions of the session's tiny random-policy Hopper-v5 dataset (seed 0)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_hopper_hdf5(tmp_path_factory):
+    """Path of a D4RL-format HDF5 with ~1,500 random-policy Hopper-v5 transitions from the real env,
+    collected once per session (seed 0; ~70 episodes, the last one partial)."""
+    from dromo_ray.data.d4rl_io import write_d4rl
+    from dromo_ray.data.gym_env import collect_transitions
+
+    ds = collect_transitions("hopper", "random", TINY_HOPPER_STEPS, seed=0, progress=False)
+    return write_d4rl(ds, tmp_path_factory.mktemp("tiny_hopper") / "hopper_random-tiny.hdf5")
+
+
+@pytest.fixture(scope="session")
+def tiny_hopper_dataset(tiny_hopper_hdf5):
+    """The :class:`~dromo_ray.data.dataset.OfflineDataset` loaded from ``tiny_hopper_hdf5`` (shared:
+    do not mutate its arrays)."""
+    from dromo_ray.data.dataset import load_dataset
+
+    return load_dataset(str(tiny_hopper_hdf5))

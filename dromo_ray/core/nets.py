@@ -45,7 +45,7 @@ class EnsembleMLP(nn.Module):
                  activation: str = "relu") -> None:
         super().__init__()
         dims = (in_dim, *hidden)
-        self.layers = nn.ModuleList(EnsembleLinear(num_members, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(EnsembleLinear(num_members, a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.out = EnsembleLinear(num_members, dims[-1], out_dim)
         self.act = {"relu": F.relu, "silu": F.silu}[activation]
         self.num_members = num_members
@@ -64,7 +64,7 @@ class EnsembleMLP(nn.Module):
 def mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     dims = (in_dim, *hidden)
     mods: list[nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
         mods += [nn.Linear(a, b), activation()]
     mods.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*mods)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,7 @@ def read_d4rl(path: str | os.PathLike, env: str | None = None, name: str | None 
     else:
         next_obs = np.empty_like(obs, dtype=np.float32)
         next_obs[:-1] = obs[1:]
+        next_obs[-1] = obs[-1]  # placeholder: this row is dropped below
         # The last row of every episode, and the last row of the file, has no recorded successor.
         unknown = ends.copy()
         unknown[-1] = True
@@ -263,8 +264,7 @@ def write_d4rl(ds: OfflineDataset, path: str | os.PathLike, metadata: dict[str, 
     meta = {**ds.metadata, **(metadata or {}), "env_key": ds.env_id}
     meta.pop("dropped_rows", None)
     meta.pop("dropped_terminal_rows", None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # same directory: os.replace is atomic
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("observations", data=ds.observations)
@@ -279,7 +279,7 @@ def write_d4rl(ds: OfflineDataset, path: str | os.PathLike, metadata: dict[str, 
                 f.create_dataset(f"metadata/{k}", data=_h5_scalar(v))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

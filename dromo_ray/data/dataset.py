@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dromo_ray.core.envs import EnvSpec, get_env_spec
+from dromo_ray.core.envs import ENVS, EnvSpec, get_env_spec
 from dromo_ray.core.types import NumpyBatch
 from dromo_ray.data.errors import DatasetError
 
@@ -221,8 +221,6 @@ def resolve_env(env: str | None, *hints: str | None, obs_dim: int | None = None,
                 source: str = "<dataset>") -> EnvSpec:
     """The environment of a dataset: ``env`` when given, else the first hint (metadata value, file or
     dataset name) that names a registry environment, else the only registry entry with ``obs_dim``."""
-    from dromo_ray.core.envs import ENVS
-
     if env:
         try:
             return get_env_spec(env)
