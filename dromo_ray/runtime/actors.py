@@ -44,27 +44,42 @@ def dataset_arrays(dataset: Any) -> NumpyBatch:
 
 # --------------------------------------------------------------------------------------------------------
 class DynamicsTrainer:
-    """Trains a subset of the ensemble's members (Alg. 1 line 1); members of several trainers are merged."""
+    """Trains a subset of the ensemble's members (Alg. 1 line 1); members of several trainers are merged.
+
+    Every trainer gets the same train/holdout split and fits the normaliser on the same training rows, so the
+    sub-ensembles share their normaliser and can be concatenated (``merge_ensembles``).
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: DynamicsConfig, num_members: int, seed: int,
                  torch_threads: int = 1) -> None:
         set_torch_threads(torch_threads)
         from dromo_ray.core import dynamics
 
-        torch.manual_seed(seed)
-        self.model = dynamics.EnsembleDynamics(obs_dim, act_dim, cfg, num_members=num_members)
-        self.cfg, self.seed = cfg, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.model = dynamics.EnsembleDynamics(obs_dim, act_dim, cfg, num_members=num_members, generator=self.gen)
+        self.cfg = cfg
 
     def fit(self, dataset: Any, train_idx: np.ndarray, holdout_idx: np.ndarray) -> dict[str, Any]:
         from dromo_ray.core import dynamics
 
-        arrays = dataset_arrays(dataset)
-        inputs, targets = dynamics.make_training_data(arrays.obs, arrays.act, arrays.rew, arrays.next_obs)
-        trainer = dynamics.DynamicsTrainer(self.model, self.cfg)
-        metrics = trainer.fit(inputs, targets, train_idx=train_idx, holdout_idx=holdout_idx,
-                              rng=np.random.default_rng(self.seed))
+        a = dataset_arrays(dataset)
+        inputs, targets = dynamics.make_inputs_targets(a.obs, a.act, a.next_obs, a.rew)
+        self.model.set_normalizer(dynamics.normalizer_stats(inputs[train_idx], targets[train_idx]))
+        trainer = dynamics.DynamicsTrainer(self.model, self.cfg, self.gen)
+        metrics = trainer.train(inputs[train_idx], targets[train_idx], inputs[holdout_idx], targets[holdout_idx])
         state = {k: v.cpu() for k, v in self.model.state_dict().items()}
-        return {"state": state, "metrics": metrics}
+        return {"state": state, "metrics": metrics, "holdout_losses": np.asarray(trainer.holdout_losses)}
+
+
+def dynamics_from_state(state: dict[str, Any], obs_dim: int, act_dim: int, cfg: DynamicsConfig) -> Any:
+    """Rebuild an :class:`EnsembleDynamics` (of however many members the state holds) from its state dict."""
+    from dromo_ray.core.dynamics import EnsembleDynamics
+
+    model = EnsembleDynamics(obs_dim, act_dim, cfg, num_members=int(state["max_logvar"].shape[0]))
+    if model.elite_idx.shape != state["elite_idx"].shape:
+        model.elite_idx = torch.zeros_like(state["elite_idx"])
+    model.load_state_dict(state)
+    return model
 
 
 class BehaviorFitter:
@@ -125,12 +140,11 @@ class RolloutWorker:
     def __init__(self, worker_index: int, cfg: ExperimentConfig, env_key: str, dynamics_state: dict[str, Any],
                  dataset: Any, policy_state: dict[str, Any], replay: Any = None) -> None:
         set_torch_threads(cfg.runtime.torch_threads)
-        from dromo_ray.core import dynamics
         from dromo_ray.core.model_env import ModelEnv
 
         spec = get_env_spec(env_key)
         self.index, self.cfg = worker_index, cfg
-        model = dynamics.EnsembleDynamics.from_state_dict(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics)
+        model = dynamics_from_state(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics)
         self.model_env = ModelEnv(model.eval(), spec.termination_fn, penalty=_penalty_kind(cfg.agent))
         self.start_obs = torch.as_tensor(np.asarray(dataset.observations, dtype=np.float32))
         self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, cfg.agent.hidden_dims)
@@ -162,14 +176,15 @@ class RolloutWorker:
 
     @torch.no_grad()
     def rollout(self, num_starts: int, seed: int | None = None) -> tuple[NumpyBatch, dict[str, float]]:
-        from dromo_ray.core.rollout import rollout
+        from dromo_ray.core.rollout import rollout, rollout_stats
 
         gen = torch.Generator().manual_seed(seed) if seed is not None else self.generator
         t0 = time.perf_counter()
         idx = torch.randint(self.start_obs.shape[0], (num_starts,), generator=gen)
         with self._lock:
-            batch, stats = rollout(self.model_env, self.actor, self.start_obs[idx], self.cfg.rollout.horizon, gen,
-                                   deterministic_model=self.cfg.rollout.deterministic)
+            batch = rollout(self.model_env, self.actor, self.start_obs[idx], self.cfg.rollout.horizon, gen,
+                            deterministic_model=self.cfg.rollout.deterministic)
+        stats = rollout_stats(batch, num_starts)
         self.busy_s += time.perf_counter() - t0
         self.transitions += len(batch)
         return batch, stats

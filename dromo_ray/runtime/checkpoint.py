@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 def _numpy_to_torch(obj: Any) -> Any:
     """weights_only loading accepts tensors and plain containers; store numpy arrays as tensors."""
     if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj)), "dtype": str(obj.dtype)}
+        return {"__ndarray__": torch.from_numpy(np.array(obj, copy=True, order="C")), "dtype": str(obj.dtype)}
     if isinstance(obj, dict):
         return {k: _numpy_to_torch(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -88,7 +88,7 @@ def train_dynamics_stage(cfg: ExperimentConfig, dataset_ref: Any, dataset: Any, 
 
     spec = get_env_spec(env_key)
     n = len(dataset)
-    train_idx, holdout_idx = dynamics.split_holdout(n, cfg.dynamics.holdout_ratio, cfg.dynamics.max_holdout, rng)
+    train_idx, holdout_idx = dynamics.holdout_split(n, cfg.dynamics, rng)
     Trainer = A.remote(A.DynamicsTrainer, num_cpus=cfg.runtime.dynamics_trainer_cpus)
     parts = _split_members(cfg.dynamics.ensemble_size, cfg.dynamics.num_trainers)
     trainers = [Trainer.remote(spec.obs_dim, spec.act_dim, cfg.dynamics, k, cfg.seed * 7919 + i,
@@ -101,19 +101,24 @@ def train_dynamics_stage(cfg: ExperimentConfig, dataset_ref: Any, dataset: Any, 
         fitter = Fitter.remote(cfg.runtime.torch_threads)
         behavior_ref = fitter.fit.remote(dataset_ref, A._behavior_hidden(cfg), _behavior_steps(cfg, n), cfg.seed)
     results = ray.get(fits)
-    models = [dynamics.EnsembleDynamics.from_state_dict(r["state"], spec.obs_dim, spec.act_dim, cfg.dynamics)
-              for r in results]
-    losses = [np.asarray(r["metrics"]["holdout_mse_per_member"]) for r in results]
+    models = [A.dynamics_from_state(r["state"], spec.obs_dim, spec.act_dim, cfg.dynamics) for r in results]
+    losses = [np.asarray(r["holdout_losses"]) for r in results]
     model = dynamics.merge_ensembles(models, losses, cfg.dynamics.num_elites)
     metrics: dict[str, float] = {"dynamics/train_s": time.perf_counter() - t0}
     all_losses = np.concatenate(losses)
     metrics["dynamics/holdout_mse"] = float(all_losses.mean())
-    metrics["dynamics/holdout_mse_elites"] = float(all_losses[np.sort(np.argsort(all_losses)[: cfg.dynamics.num_elites])].mean())
-    metrics["dynamics/epochs"] = float(np.mean([r["metrics"].get("epochs", 0) for r in results]))
+    metrics["dynamics/holdout_mse_elites"] = float(np.sort(all_losses)[: cfg.dynamics.num_elites].mean())
+    metrics["dynamics/epochs"] = float(np.mean([r["metrics"].get("dynamics/epochs", 0) for r in results]))
+    metrics["dynamics/train_rows_per_s"] = float(sum(r["metrics"].get("dynamics/train_rows_per_s", 0)
+                                                     for r in results))
     arrays = A.dataset_arrays(dataset)
-    inputs, targets = dynamics.make_training_data(arrays.obs, arrays.act, arrays.rew, arrays.next_obs)
-    cal = recalibrate(model, inputs[holdout_idx], targets[holdout_idx], apply=cfg.dynamics.recalibrate)
-    metrics.update({k if k.startswith("dynamics/") else f"dynamics/{k}": float(v) for k, v in cal.items()})
+    inputs, targets = dynamics.make_inputs_targets(arrays.obs, arrays.act, arrays.next_obs, arrays.rew)
+    # Appendix A: calibration error of the elite mixture on holdout, before/after a per-dim variance scale.
+    cal = recalibrate(model, inputs[holdout_idx], targets[holdout_idx])
+    if not cfg.dynamics.recalibrate:
+        model.var_scale.fill_(1.0)
+        cal = {"dynamics/calibration_error_before": cal["dynamics/calibration_error_before"]}
+    metrics.update({k: float(v) for k, v in cal.items()})
     out: dict[str, Any] = {"dynamics": {k: v.cpu() for k, v in model.state_dict().items()}, "metrics": metrics,
                            "behavior": None}
     if behavior_ref is not None:
@@ -293,11 +298,6 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     except ray.exceptions.RayActorError as e:
         raise RunFailed(f"the learner or replay actor died: {str(e).splitlines()[0]}", last_ckpt) from None
     finally:
-        for w in workers:
-            try:
-                w.stop.remote()
-            except Exception:  # noqa: BLE001 - best effort teardown
-                pass
         for h in [*workers, *evaluators, learner, replay]:
             ray.kill(h, no_restart=True)
 
@@ -315,11 +315,15 @@ def _check_compatible(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> None:
     old = ckpt["config"]
     for section, key in [("agent", "algorithm"), ("agent", "hidden_dims"), ("dynamics", "ensemble_size"),
                          ("dynamics", "hidden_dims"), ("runtime", "synchronous")]:
-        a, b = old[section][key], to_dict(cfg)[section][key]
-        if list(a) if isinstance(a, (list, tuple)) else a != (list(b) if isinstance(b, (list, tuple)) else b):
+        a, b = _plain(old[section][key]), _plain(to_dict(cfg)[section][key])
+        if a != b:
             from dromo_ray.core.config import ConfigError
 
             raise ConfigError(f"{section}.{key}: checkpoint has {a!r}, config has {b!r}")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _progress(total: int, initial: int, enabled: bool):
