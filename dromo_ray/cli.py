@@ -118,6 +118,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("dromo_ray.report"))
 
+    # behavior / suite ---------------------------------------------------------------------------------
+    p = sub.add_parser("behavior", help="behaviour policies trained online with RLlib SAC")
+    bsub = p.add_subparsers(dest="behavior_command", required=True)
+    q = bsub.add_parser("train", help="RLlib SAC on a Gymnasium v5 env: policy checkpoints, their returns "
+                        "(index.json) and a replay log of every transition (replay.hdf5)")
+    q.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
+    q.add_argument("--steps", type=int, default=1_000_000, help="env steps (default 1M, D4RL's budget)")
+    q.add_argument("--out", default=None, help="output directory (default behavior_<env>); must be fresh")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--hidden", default="256,256", help="hidden widths of the policy and Q networks")
+    q.add_argument("--checkpoint-every", type=int, default=0, help="env steps between checkpoints "
+                   "(default steps/20)")
+    q.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per checkpoint and mode")
+    q.add_argument("--learning-starts", type=int, default=10_000, help="env steps before the first update")
+    q.add_argument("--updates-every", type=int, default=1, help="env steps per SAC update (1: SAC's ratio)")
+    q.add_argument("--time-limit", type=float, default=0.0, help="stop at the first checkpoint after this "
+                   "many seconds (0: none)")
+    q.add_argument("--save-rllib", action="store_true", help="also save the final RLlib checkpoint")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.behavior.train", "run_train"))
+
+    p = sub.add_parser("suite", help="D4RL-v2-style datasets made from a behaviour run")
+    ssub = p.add_subparsers(dest="suite_command", required=True)
+    q = ssub.add_parser("make", help="random, medium, medium-replay, expert, medium-expert as D4RL HDF5 and "
+                        "Minari (resumable)")
+    q.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
+    q.add_argument("--size", type=int, default=1_000_000, help="transitions of random, medium and expert")
+    q.add_argument("--out", default=None, help="output directory (default suite_<env>)")
+    q.add_argument("--policies", default=None, help="output directory of `behavior train` "
+                   "(default behavior_<env>)")
+    q.add_argument("--seed", type=int, default=0, help="collection seed (part i uses seed + i)")
+    q.add_argument("--parts", default="all", help="comma-separated subset of random,medium,medium-replay,"
+                   "expert,medium-expert")
+    q.add_argument("--deterministic", action="store_true", help="collect with tanh(mu) instead of sampling "
+                   "from the policy (D4RL sampled)")
+    q.add_argument("--expert", choices=["final", "best"], default="final", help="expert = the final checkpoint "
+                   "(D4RL) or the one with the highest return")
+    q.add_argument("--no-minari", action="store_true", help="write the D4RL-layout HDF5 files only")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.behavior.suite", "run_suite"))
+
     # bench --------------------------------------------------------------------------------------------
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -135,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("dromo_ray.bench.dynamics"))
     q = bsub.add_parser("pipeline", help="learner with actors feeding it vs alone; rollout scaling")
-    q.add_argument("--steps", type=int, default=300)
+    q.add_argument("--steps", type=int, default=300, help="timed learner updates per measurement")
+    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo"], default="dromo")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("dromo_ray.bench.pipeline"))
 

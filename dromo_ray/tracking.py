@@ -60,8 +60,13 @@ class MlflowTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None) -> None:
+        import logging
+
         import mlflow
         from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow.store.db.utils", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=tracking_uri)

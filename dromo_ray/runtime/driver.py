@@ -242,10 +242,12 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     rounds_per_publish = 1
     starts_per_publish = [max(1, math.ceil(k * rt.weight_sync_interval / cfg.rollout.interval)) for k in per_worker]
 
+    published: list[Any] = []
+
     def publish(target_state: dict[str, Any], rounds: int) -> None:
         ref = ray.put(target_state)
-        for w, k in zip(workers, starts_per_publish, strict=True):
-            w.set_policy.remote(ref, step, rounds, k)
+        published[:] = [w.set_policy.remote(ref, step, rounds, k)
+                        for w, k in zip(workers, starts_per_publish, strict=True)]
 
     try:
         if not rt.synchronous:
@@ -298,6 +300,8 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     except ray.exceptions.RayActorError as e:
         raise RunFailed(f"the learner or replay actor died: {str(e).splitlines()[0]}", last_ckpt) from None
     finally:
+        if published:  # let the last publish land before teardown (no retried calls on killed actors)
+            ray.wait(published, num_returns=len(published), timeout=10)
         for h in [*workers, *evaluators, learner, replay]:
             ray.kill(h, no_restart=True)
 
