@@ -36,7 +36,7 @@ def _setup(algo: str, steps: int) -> tuple[Any, Any]:
         "agent": {"algorithm": algo, "batch_size": 256, "num_actions": 10},
         "rollout": {"horizon": 5, "batch_size": 10_000, "interval": 250, "model_buffer_size": 1_000_000},
         "runtime": {"synchronous": False, "num_rollout_workers": 2, "rollout_worker_cpus": 0.5,
-                    "learner_cpus": 1.0, "weight_sync_interval": 50, "replay_chunk_batches": 32},
+                    "learner_cpus": 0.9, "weight_sync_interval": 50, "replay_chunk_batches": 32},
         "train": {"total_steps": steps},
     })
     return cfg, dataset
