@@ -82,8 +82,14 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
 
     started_ray = not ray.is_initialized()
     try:
-        result = run_experiment(cfg, dataset, run_dir, reporter=report, resume=resume, progress=progress,
-                                on_start=info.update)
+        if cfg.agent.algorithm == "cql_rllib":  # model-free CQL (RLlib) in the same comparison
+            from dromo_ray.behavior.cql_rllib import run_cql_rllib
+
+            result = run_cql_rllib(cfg, dataset, run_dir, reporter=report, resume=resume, progress=progress,
+                                   on_start=info.update)
+        else:
+            result = run_experiment(cfg, dataset, run_dir, reporter=report, resume=resume, progress=progress,
+                                    on_start=info.update)
     except RunFailed as e:
         tracker.end("FAILED", str(e))
         raise

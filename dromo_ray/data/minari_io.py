@@ -30,7 +30,7 @@ _ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]/)?[-_\w]+?-v\d+$")
 def minari_root() -> Path:
     """``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets`` (Minari's own rule)."""
     env = os.environ.get("MINARI_DATASETS_PATH")
-    return Path(env).expanduser() if env else Path.home() / ".minari" / "datasets"
+    return (Path(env).expanduser() if env else Path.home() / ".minari" / "datasets").resolve()
 
 
 def check_dataset_id(dataset_id: str) -> None:

@@ -1,0 +1,153 @@
+"""RLlib SAC/CQL RLModule -> :class:`~dromo_ray.core.nets.TanhGaussianActor` -> dromo_ray policy file.
+
+The pi network of RLlib's SAC module is ``pi_encoder`` (an MLP, ``fcnet_hiddens`` with activation) followed
+by the ``pi`` head (``head_fcnet_hiddens`` then one linear output of ``2 * act_dim``: ``[mu, log_std]``).
+With ReLU everywhere (:func:`dromo_ray.behavior.rllib_module.model_config`) it is one
+``Linear, ReLU, ..., Linear`` chain: exactly ``TanhGaussianActor.trunk``. The weights are copied layer by
+layer and the result checked numerically against RLlib's own distribution (:func:`check_parity`).
+
+RLlib's action distribution, and how it is handled:
+
+- ``TorchSquashedGaussian``: ``a = (tanh(u) + 1) / 2 * (high - low) + low`` with ``low, high = -1, 1``
+  (``from_logits`` defaults), then clamped into [-1, 1]: the same ``tanh(u)`` as the actor. The env runner's
+  ``NormalizeAndClipActions`` then maps [-1, 1] to the action space's bounds, the identity for the MuJoCo
+  locomotion envs (bounds [-1, 1]); :func:`check_action_space` insists on that.
+- log-std: RLlib hard-clamps into [-5, 2], the actor soft-clamps into [-5, 2]. The modules of
+  :mod:`dromo_ray.behavior.rllib_module` apply the soft clamp inside the network, so RLlib's clamp is a
+  no-op and the two distributions coincide (checked: means, log-stds and log-densities). A module without it
+  (RLlib's stock module) is still exported, with ``meta['stochastic_parity'] = 0``: its deterministic
+  actions match, its sampled actions do not.
+- Deterministic action: the actor's is ``tanh(mu)``, the usual SAC evaluation action, which is what the
+  parity check compares (``TorchSquashedGaussian._squash(loc)``). RLlib's own ``explore=False`` path
+  differs: ``to_deterministic()`` returns ``TorchDeterministic(loc)`` *without* the tanh, so an RLlib
+  evaluation would act with ``clip(mu, -1, 1)``. Nothing here uses that path: every checkpoint is evaluated
+  from its exported file with :func:`dromo_ray.data.gym_env.evaluate_policy`.
+- No observation filter is used in training, so the exported file has ``obs_mean = obs_std = None``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dromo_ray.core.nets import TanhGaussianActor, tanh_gaussian_log_prob
+
+PARITY_ATOL = 1e-5
+"""Largest absolute difference allowed between RLlib's and the exported actor's actions / log-stds."""
+
+
+class ExportError(RuntimeError):
+    """The RLModule cannot be expressed as a TanhGaussianActor, or the exported actor disagrees with it."""
+
+
+def _leaves(m: nn.Module) -> list[nn.Module]:
+    return [x for x in m.modules() if len(list(x.children())) == 0]
+
+
+def pi_layers(module: Any) -> tuple[list[nn.Linear], bool]:
+    """The Linear layers of the pi network in order, and whether the log-std soft clamp is present.
+
+    Raises :class:`ExportError` unless the network is ``Linear, ReLU, ..., ReLU, Linear``.
+    """
+    from dromo_ray.behavior.rllib_module import SoftClampLogStd
+
+    if not hasattr(module, "pi_encoder") or not hasattr(module, "pi"):
+        raise ExportError(f"{type(module).__name__} has no pi_encoder/pi: not an RLlib SAC/CQL module")
+    soft = isinstance(module.pi, SoftClampLogStd)
+    leaves = [x for x in _leaves(module.pi_encoder) + _leaves(module.pi) if not isinstance(x, nn.Identity)]
+    kinds = ["L" if isinstance(x, nn.Linear) else "R" if isinstance(x, nn.ReLU) else type(x).__name__
+             for x in leaves]
+    expected = ["L", "R"] * ((len(kinds) - 1) // 2) + ["L"]
+    if kinds != expected:
+        raise ExportError(f"pi network is {kinds}, expected alternating Linear/ReLU ending in Linear "
+                          "(train with fcnet_activation=relu and no layer norm)")
+    return [x for x in leaves if isinstance(x, nn.Linear)], soft
+
+
+def actor_from_module(module: Any) -> tuple[TanhGaussianActor, bool]:
+    """A TanhGaussianActor with the pi network's weights; second value: stochastic parity (soft clamp)."""
+    layers, soft = pi_layers(module)
+    obs_dim = layers[0].in_features
+    out = layers[-1].out_features
+    if out % 2:
+        raise ExportError(f"pi output has {out} units; expected 2 * act_dim ([mu, log_std])")
+    hidden = tuple(layer.out_features for layer in layers[:-1])
+    actor = TanhGaussianActor(obs_dim, out // 2, hidden)
+    targets = [m for m in actor.trunk if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for src, dst in zip(layers, targets, strict=True):
+            dst.weight.copy_(src.weight.detach().cpu())
+            dst.bias.copy_(src.bias.detach().cpu())
+    return actor.eval(), soft
+
+
+def check_action_space(space: Any) -> None:
+    """The export assumes RLlib's [-1, 1] squashing is the env's action range."""
+    low, high = np.asarray(space.low), np.asarray(space.high)
+    if not (np.allclose(low, -1.0) and np.allclose(high, 1.0)):
+        raise ExportError(f"action space bounds [{low.min()}, {high.max()}] are not [-1, 1]; the exported "
+                          "actor would need RLlib's rescaling")
+
+
+@torch.no_grad()
+def check_parity(module: Any, actor: TanhGaussianActor, obs: np.ndarray, stochastic: bool = True,
+                 atol: float = PARITY_ATOL, seed: int = 0) -> dict[str, float]:
+    """Compare RLlib's distribution with the actor's on observations ``obs`` (B, D_o).
+
+    Returns the largest absolute differences: ``det_action`` (RLlib ``_squash(loc)`` vs ``actor(obs)``),
+    and with ``stochastic`` also ``log_std`` and ``log_prob`` (RLlib's log-density of its own samples vs
+    :func:`tanh_gaussian_log_prob`). Raises :class:`ExportError` when one exceeds ``atol`` (log-prob: 100x).
+    """
+    from ray.rllib.core.columns import Columns
+
+    x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
+    out = module.forward_inference({Columns.OBS: x})[Columns.ACTION_DIST_INPUTS]
+    dist = module.get_inference_action_dist_cls().from_logits(out)
+    rl_det = dist._squash(dist.loc)
+    mu, log_std = actor.dist_params(x)
+    report = {"det_action": float((rl_det - actor(x)).abs().max())}
+    if stochastic:
+        report["log_std"] = float((dist._dist.scale.log() - log_std).abs().max())
+        torch.manual_seed(seed)
+        u = dist.loc + dist._dist.scale * torch.randn_like(dist.loc)
+        report["log_prob"] = float((dist._squashed_logp(u) - tanh_gaussian_log_prob(u, mu, log_std)).abs().max())
+    limits = {"det_action": atol, "log_std": atol, "log_prob": 100 * atol}
+    bad = {k: v for k, v in report.items() if not v <= limits[k]}
+    if bad:
+        raise ExportError(f"exported actor disagrees with the RLlib module: {bad} (limits {limits})")
+    return report
+
+
+def export_policy(module: Any, path: str | os.PathLike, obs: np.ndarray,
+                  meta: dict[str, Any] | None = None) -> tuple[Path, dict[str, float]]:
+    """Convert, check parity on ``obs``, and write a dromo_ray policy file. Returns (path, parity report)."""
+    from dromo_ray.data.policy_io import save_policy
+
+    actor, soft = actor_from_module(module)
+    report = check_parity(module, actor, obs, stochastic=soft)
+    full = {**(meta or {}), "source": "rllib", "rllib_module": type(module).__name__,
+            "stochastic_parity": int(soft), **{f"parity_{k}": v for k, v in report.items()}}
+    return save_policy(path, actor, None, None, full), report
+
+
+def learner_module(algo: Any) -> Any:
+    """The local EnvRunner's module after syncing it with the learner's weights, checked to hold them.
+
+    (SAC syncs after every update already; CQL never does. Exporting a stale module would be silent.)
+    """
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
+    module = algo.get_module()
+    learned = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+    mine = module.state_dict()
+    for key, value in learned.items():
+        if key.startswith(("pi.", "pi_encoder.")):
+            if key not in mine or not np.array_equal(np.asarray(value), mine[key].detach().cpu().numpy()):
+                raise ExportError(f"the EnvRunner's module does not hold the learner's {key}")
+    return module
