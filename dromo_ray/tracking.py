@@ -38,6 +38,14 @@ def default_tracking_uri(out_dir: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of an embedded sqlite store live beside the database, not in ./mlruns of the cwd."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:
     return cli_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.out_dir)
 
@@ -72,7 +80,8 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=_artifact_location(tracking_uri))
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

@@ -94,7 +94,9 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
         tracker.end("FAILED", str(e))
         raise
     except BaseException as e:
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
+        # Ctrl-C and Tune stopping a trial (SystemExit from tune.report) are kills, not failures.
+        killed = isinstance(e, (KeyboardInterrupt, SystemExit))
+        tracker.end("KILLED" if killed else "FAILED", f"{type(e).__name__}: {e}")
         raise
     finally:
         if started_ray and ray.is_initialized():

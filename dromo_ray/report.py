@@ -1,0 +1,299 @@
+"""``dromo-ray report --experiment NAME``: result tables and learning curves from MLflow (edge layer).
+
+Protocol (the same for every algorithm, stated in every table written):
+
+- A run's score is its ``final/normalized_score`` metric, which ``train`` logs at the end of the run: the mean
+  D4RL normalized score (100 * (return - random) / (expert - random)) of its last N evaluations, where
+  N = ``train.final_score_last_n`` (each evaluation averages ``train.eval_episodes`` episodes). Never the best
+  evaluation.
+- Only FINISHED runs that logged that metric count; runs still running, failed, killed or stopped early by a
+  scheduler are listed as excluded, with the reason.
+- Runs are grouped by (algorithm, dataset, variant), where the variant is what a sweep searched besides the
+  seed (the ``sweep.variant`` tag; empty for plain ``train`` runs). A group's entry is the mean ± standard
+  deviation over its runs (its seeds); the standard deviation is the population one (numpy's default, ddof=0).
+- Learning curves plot ``eval/normalized_score`` against learner updates: per group the mean over runs at each
+  evaluated step, shaded ± one standard deviation. A step logged twice (a resumed run repeats the updates after
+  its last checkpoint) counts once, with its latest value.
+
+Outputs in ``--out``: ``results.md``, ``results.csv`` and ``curves_<dataset>.png``; when every counted run belongs
+to one sweep, the same files are logged as artifacts of the sweep's parent run (under ``report/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCORE_KEY = "final/normalized_score"
+CURVE_KEY = "eval/normalized_score"
+ARTIFACT_DIR = "report"
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    algorithm: str
+    dataset: str
+    variant: str
+    seed: str
+    score: float
+    last_n: str
+    parent_run_id: str | None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    algorithm: str
+    dataset: str
+    variant: str
+    n: int
+    seeds: list[str]
+    mean: float
+    std: float
+    min: float
+    max: float
+    last_n: str
+    scores: list[float]
+    run_ids: list[str]
+
+    def label(self) -> str:
+        return f"{self.algorithm} [{self.variant}]" if self.variant else self.algorithm
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _error(msg: str) -> Exception:
+    from dromo_ray.cli import UserError
+
+    return UserError(msg)
+
+
+def resolve_uri(cli_uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else train's default embedded store ./dromo_runs/mlflow.db."""
+    if cli_uri:
+        return cli_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path("dromo_runs").resolve() / "mlflow.db"
+    if not db.exists():
+        raise _error(f"no MLflow store at {db} (the default of `train` and `sweep`); pass --tracking-uri")
+    return f"sqlite:///{db}"
+
+
+def _search_all(client: Any, experiment_id: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return runs
+
+
+def _curve(client: Any, run_id: str) -> list[tuple[int, float]]:
+    """eval/normalized_score by step; a step logged twice keeps its latest value (by timestamp)."""
+    latest: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, CURVE_KEY):
+        if m.step not in latest or m.timestamp >= latest[m.step][0]:
+            latest[m.step] = (m.timestamp, float(m.value))
+    return [(s, v) for s, (_, v) in sorted(latest.items())]
+
+
+def collect_runs(client: Any, experiment_id: str) -> tuple[list[RunRecord], list[dict[str, str]]]:
+    """The experiment's counted runs and the excluded ones (with the reason)."""
+    records, excluded = [], []
+    for run in _search_all(client, experiment_id):
+        tags, metrics = run.data.tags, run.data.metrics
+        if tags.get("sweep.role") == "parent" or "algorithm" not in tags:
+            continue
+        name = tags.get("mlflow.runName", run.info.run_id)
+        if run.info.status != "FINISHED":
+            reason = f"status {run.info.status}" + (" (stopped early by the scheduler)"
+                                                   if tags.get("sweep.stopped_early") == "true" else "")
+            excluded.append({"run_id": run.info.run_id, "run_name": name, "reason": reason})
+            continue
+        score = metrics.get(SCORE_KEY)
+        if score is None or math.isnan(score):
+            excluded.append({"run_id": run.info.run_id, "run_name": name, "reason": f"no {SCORE_KEY}"})
+            continue
+        records.append(RunRecord(
+            run_id=run.info.run_id, algorithm=tags["algorithm"], dataset=tags.get("dataset", "?"),
+            variant=tags.get("sweep.variant", ""), seed=tags.get("seed", "?"), score=float(score),
+            last_n=run.data.params.get("train.final_score_last_n", "?"),
+            parent_run_id=tags.get("mlflow.parentRunId"), curve=_curve(client, run.info.run_id)))
+    return records, excluded
+
+
+def summarize(records: list[RunRecord]) -> list[Row]:
+    import numpy as np
+
+    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.algorithm, r.dataset, r.variant), []).append(r)
+    rows = []
+    for (algo, ds, variant), rs in groups.items():
+        rs = sorted(rs, key=lambda r: (_seed_key(r.seed), r.run_id))
+        scores = np.array([r.score for r in rs], dtype=np.float64)
+        last_ns = {r.last_n for r in rs}
+        rows.append(Row(algo, ds, variant, len(rs), [r.seed for r in rs], float(scores.mean()), float(scores.std()),
+                        float(scores.min()), float(scores.max()), last_ns.pop() if len(last_ns) == 1 else "mixed",
+                        [float(s) for s in scores], [r.run_id for r in rs]))
+    rows.sort(key=lambda r: (r.dataset, -r.mean, r.algorithm, r.variant))
+    return rows
+
+
+def _seed_key(seed: str) -> tuple[int, str]:
+    return (int(seed), "") if seed.isdigit() else (1 << 30, seed)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def write_markdown(rows: list[Row], path: Path, experiment: str, excluded: list[dict[str, str]]) -> Path:
+    lines = [f"# Results: MLflow experiment `{experiment}`", "",
+             "Score of a run: its `final/normalized_score`, the mean D4RL normalized score of its last N evaluations "
+             "(N = `train.final_score_last_n`), never the best one. Entries: mean ± standard deviation over runs "
+             "(seeds; population std, ddof=0). Only FINISHED runs count.", "",
+             "| algorithm | dataset | variant | runs | seeds | N | normalized score | min | max |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.algorithm} | {r.dataset} | {r.variant or '-'} | {r.n} | {', '.join(r.seeds)} | "
+                     f"{r.last_n} | {_pm(r.mean, r.std)} | {r.min:.2f} | {r.max:.2f} |")
+    datasets = sorted({r.dataset for r in rows})
+    labels = sorted({r.label() for r in rows})
+    if rows and len(labels) > 1:
+        cell = {(r.dataset, r.label()): f"{_pm(r.mean, r.std)} ({r.n})" for r in rows}
+        lines += ["", "## Side by side (mean ± std (runs))", "", "| dataset | " + " | ".join(labels) + " |",
+                  "|---|" + "---:|" * len(labels)]
+        for ds in datasets:
+            lines.append(f"| {ds} | " + " | ".join(cell.get((ds, lab), "-") for lab in labels) + " |")
+    if excluded:
+        lines += ["", f"## Excluded runs ({len(excluded)})", ""]
+        lines += [f"- `{e['run_name']}` ({e['run_id']}): {e['reason']}" for e in excluded]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_csv(rows: list[Row], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["algorithm", "dataset", "variant", "runs", "seeds", "last_n", "mean", "std", "min", "max",
+                    "scores", "run_ids"])
+        for r in rows:
+            w.writerow([r.algorithm, r.dataset, r.variant, r.n, " ".join(r.seeds), r.last_n, repr(r.mean),
+                        repr(r.std), repr(r.min), repr(r.max), " ".join(repr(s) for s in r.scores),
+                        " ".join(r.run_ids)])
+    return path
+
+
+def curve_stats(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Steps, mean, std (ddof=0) and the number of runs at each step that any run evaluated."""
+    import numpy as np
+
+    by_step: dict[int, list[float]] = {}
+    for c in curves:
+        for s, v in c:
+            by_step.setdefault(int(s), []).append(v)
+    steps = sorted(by_step)
+    return (steps, [float(np.mean(by_step[s])) for s in steps], [float(np.std(by_step[s])) for s in steps],
+            [len(by_step[s]) for s in steps])
+
+
+def plot_curves(records: list[RunRecord], rows: list[Row], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    by_id = {r.run_id: r for r in records}
+    for ds in sorted({r.dataset for r in rows}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        drawn = False
+        for row in [r for r in rows if r.dataset == ds]:
+            steps, mean, std, _ = curve_stats([by_id[i].curve for i in row.run_ids if by_id[i].curve])
+            if not steps:
+                continue
+            m, s = np.asarray(mean), np.asarray(std)
+            (line,) = ax.plot(steps, m, marker="o", markersize=3, label=f"{row.label()} (n={row.n})")
+            ax.fill_between(steps, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_title(f"{ds}: evaluation score (mean ± std over runs)")
+        ax.set_xlabel("learner updates")
+        ax.set_ylabel("D4RL normalized score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"curves_{_safe(ds)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "dataset"
+
+
+def build_report(experiment: str, tracking_uri: str, out: str | Path) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise _error(f"--experiment: no experiment {experiment!r} at {tracking_uri} (experiments: {known})")
+    records, excluded = collect_runs(client, exp.experiment_id)
+    if not records:
+        raise _error(f"--experiment: {experiment!r} has no finished run with {SCORE_KEY} "
+                     f"({len(excluded)} excluded: {', '.join(sorted({e['reason'] for e in excluded})) or '-'})")
+    rows = summarize(records)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = write_markdown(rows, out_dir / "results.md", experiment, excluded)
+    table = write_csv(rows, out_dir / "results.csv")
+    pngs = plot_curves(records, rows, out_dir)
+
+    parents = {r.parent_run_id for r in records}
+    parent = next(iter(parents)) if len(parents) == 1 else None
+    logged_to = None
+    if parent:
+        for f in (md, table, *pngs):
+            client.log_artifact(parent, str(f), ARTIFACT_DIR)
+        logged_to = parent
+    return {"experiment": experiment, "tracking_uri": tracking_uri, "rows": [r.to_dict() for r in rows],
+            "excluded": excluded, "files": {"markdown": str(md), "csv": str(table), "curves": [str(p) for p in pngs]},
+            "artifacts_run_id": logged_to,
+            "note": None if parent or len(parents) == 1 else
+            f"runs come from {len(parents)} parents (sweeps or plain train runs); artifacts not logged"}
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = resolve_uri(args.tracking_uri)
+    rep = build_report(args.experiment, uri, args.out)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(Path(rep["files"]["markdown"]).read_text())
+    print(f"wrote {rep['files']['markdown']}, {rep['files']['csv']}"
+          + "".join(f", {p}" for p in rep["files"]["curves"]))
+    if rep["artifacts_run_id"]:
+        print(f"logged as artifacts ({ARTIFACT_DIR}/) of the sweep's parent run {rep['artifacts_run_id']}")
+    elif rep["note"]:
+        print(rep["note"])
+    return 0
