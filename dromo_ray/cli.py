@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("dynamics", help="ensemble training rows/s and model-env transitions/s")
     q.add_argument("--device", default="cpu")
     q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--seconds", type=float, default=4.0, help="length of each timing window set")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("dromo_ray.bench.dynamics"))
     q = bsub.add_parser("pipeline", help="learner with actors feeding it vs alone; rollout scaling")

@@ -116,7 +116,7 @@ def test_data_info_matches_hand_computation(tiny_hopper_hdf5, tiny_hopper_datase
 def test_dataset_api(tiny_hopper_dataset):
     ds = tiny_hopper_dataset
     batch = ds.sample(np.random.default_rng(0), 64)
-    assert isinstance(batch, NumpyBatch) and len(batch) == 64
+    assert isinstance(batch, NumpyBatch) and batch.size == 64
     assert batch.obs.shape == (64, 11) and batch.act.shape == (64, 3) and batch.rew.shape == (64,)
     assert batch.done.dtype == np.float32 and set(np.unique(batch.done)) <= {0.0, 1.0}
     assert not batch.unc.any()

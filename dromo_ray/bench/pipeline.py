@@ -101,7 +101,7 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
         t0 = time.perf_counter()
         outs = ray.get([w.rollout.remote(share) for w in workers[:n]])
         dt = time.perf_counter() - t0
-        total = sum(len(b) for b, _ in outs)
+        total = sum(b.size for b, _ in outs)
         ray.get([replay.add.remote(b) for b, _ in outs])
         out[f"rollout_transitions_per_s_{n}_workers"] = total / dt
 

@@ -53,9 +53,10 @@ def make_inputs_targets(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray,
     obs, act, next_obs = (np.asarray(a, dtype=np.float32) for a in (obs, act, next_obs))
     rew = np.asarray(rew, dtype=np.float32).reshape(-1)
     n = obs.shape[0]
-    if obs.ndim != 2 or act.ndim != 2 or next_obs.shape != obs.shape or act.shape[0] != n or rew.shape[0] != n:
-        raise ValueError(f"make_inputs_targets: expected obs (N, D_o), act (N, D_a), next_obs (N, D_o), rew (N,); "
-                         f"got {obs.shape}, {act.shape}, {next_obs.shape}, {rew.shape}")
+    if (obs.ndim != 2 or act.ndim != 2 or next_obs.shape != obs.shape or act.shape[0] != n
+            or rew.shape[0] != n):
+        raise ValueError("make_inputs_targets: expected obs (N, D_o), act (N, D_a), next_obs (N, D_o), "
+                         f"rew (N,); got {obs.shape}, {act.shape}, {next_obs.shape}, {rew.shape}")
     inputs = np.concatenate([obs, act], axis=1)
     targets = np.concatenate([next_obs - obs, rew[:, None]], axis=1)
     return inputs, targets
@@ -93,6 +94,9 @@ def normalizer_stats(inputs: np.ndarray, targets: np.ndarray, eps: float = 1e-6)
 
 # ---------------------------------------------------------------------------------------------------------
 # The ensemble
+
+CPU_PREDICT_CHUNK = 1024
+"""Rows per forward chunk in :meth:`EnsembleDynamics.predict` on CPU (activations stay in cache)."""
 
 
 class EnsembleDynamics(nn.Module):
@@ -149,16 +153,19 @@ class EnsembleDynamics(nn.Module):
         for name, value in zip(NormalizerStats._fields, stats, strict=True):
             buf = getattr(self, name)
             t = torch.as_tensor(np.asarray(value, dtype=np.float32), device=buf.device)
-            assert t.shape == buf.shape, f"set_normalizer: {name} must have shape {tuple(buf.shape)}, got {tuple(t.shape)}"
+            assert t.shape == buf.shape, (
+                f"set_normalizer: {name} must have shape {tuple(buf.shape)}, got {tuple(t.shape)}")
             buf.copy_(t)
 
     def get_normalizer(self) -> NormalizerStats:
-        return NormalizerStats(*(getattr(self, n).detach().cpu().numpy().copy() for n in NormalizerStats._fields))
+        return NormalizerStats(*(getattr(self, n).detach().cpu().numpy().copy()
+                                 for n in NormalizerStats._fields))
 
     @torch.no_grad()
     def set_elites(self, idx: torch.Tensor | np.ndarray | list[int]) -> None:
         t = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.elite_idx.device).reshape(-1)
-        assert t.numel() >= 1 and int(t.min()) >= 0 and int(t.max()) < self.num_members, f"bad elites {t.tolist()}"
+        assert t.numel() >= 1 and int(t.min()) >= 0 and int(t.max()) < self.num_members, (
+            f"set_elites: indices must lie in [0, {self.num_members}), got {t.tolist()}")
         self.num_elites = int(t.numel())
         self.elite_idx = t  # re-registers the buffer with the new length
 
@@ -177,10 +184,9 @@ class EnsembleDynamics(nn.Module):
 
     def normalize_inputs(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """obs (..., D_o), act (..., D_a) -> standardised [s, a] (..., D_i)."""
-        assert obs.shape[-1] == self.obs_dim and act.shape[-1] == self.act_dim and obs.shape[:-1] == act.shape[:-1], (
-            f"EnsembleDynamics expects obs (..., {self.obs_dim}) and act (..., {self.act_dim}) with equal leading "
-            f"dims, got {tuple(obs.shape)} and {tuple(act.shape)}"
-        )
+        ok = obs.shape[-1] == self.obs_dim and act.shape[-1] == self.act_dim and obs.shape[:-1] == act.shape[:-1]
+        assert ok, (f"EnsembleDynamics expects obs (..., {self.obs_dim}) and act (..., {self.act_dim}) with "
+                    f"equal leading dims, got {tuple(obs.shape)} and {tuple(act.shape)}")
         return (torch.cat([obs, act], -1) - self.in_mean) / self.in_std
 
     def forward_normalized(self, x: torch.Tensor,
@@ -219,7 +225,8 @@ class EnsembleDynamics(nn.Module):
 
         mean predicts [s' - s, r]; logvar is the model's log-variance (without ``var_scale``).
         """
-        assert obs.dim() in (2, 3), f"EnsembleDynamics: obs must be (B, D_o) or (E, B, D_o), got {tuple(obs.shape)}"
+        assert obs.dim() in (2, 3), (
+            f"EnsembleDynamics: obs must be (B, D_o) or (E, B, D_o), got {tuple(obs.shape)}")
         x = self.normalize_inputs(obs, act)
         if x.dim() == 2:
             x = x.unsqueeze(0)
@@ -227,11 +234,28 @@ class EnsembleDynamics(nn.Module):
         return mean * self.out_std + self.out_mean, logvar + 2.0 * torch.log(self.out_std)
 
     @torch.no_grad()
-    def predict(self, obs: torch.Tensor, act: torch.Tensor,
-                members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference: (mean, var), each (M, B, D_t), unnormalised, var multiplied by ``var_scale``."""
-        mean, logvar = self.forward(obs, act, members)
-        return mean, logvar.exp() * self.var_scale
+    def predict(self, obs: torch.Tensor, act: torch.Tensor, members: torch.Tensor | None = None,
+                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: (mean, var), each (M, B, D_t), unnormalised, var multiplied by ``var_scale``.
+
+        obs (B, D_o), act (B, D_a) shared by every member. On CPU the rows go through the network in chunks
+        of ``chunk_size`` (default :data:`CPU_PREDICT_CHUNK`) so that the (M, chunk, hidden) activations stay
+        in cache; on CUDA the default is one chunk. Results do not depend on the chunking.
+        """
+        if chunk_size is None:
+            chunk_size = CPU_PREDICT_CHUNK if obs.device.type == "cpu" else 0
+        b = obs.shape[-2] if obs.dim() >= 2 else 0
+        if obs.dim() != 2 or chunk_size <= 0 or b <= chunk_size:
+            mean, logvar = self.forward(obs, act, members)
+            return mean, logvar.exp() * self.var_scale
+        m = self.num_members if members is None else int(members.shape[0])
+        mean = obs.new_empty(m, b, self.out_dim)
+        var = obs.new_empty(m, b, self.out_dim)
+        for i in range(0, b, chunk_size):
+            mu, logvar = self.forward(obs[i:i + chunk_size], act[i:i + chunk_size], members)
+            mean[:, i:i + chunk_size] = mu
+            torch.mul(logvar.exp_(), self.var_scale, out=var[:, i:i + chunk_size])
+        return mean, var
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +278,8 @@ class DynamicsTrainer:
         self.generator = generator if generator is not None else torch.Generator(self.device).manual_seed(0)
         weights = [layer.weight for layer in model.linear_layers()]
         others = [p for p in model.parameters() if all(p is not w for w in weights)]
-        groups = [{"params": weights, "weight_decay": self.cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
+        groups = [{"params": weights, "weight_decay": self.cfg.weight_decay},
+                  {"params": others, "weight_decay": 0.0}]
         opt_kw = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
         self.optimizer = torch.optim.Adam(groups, lr=self.cfg.learning_rate, **opt_kw)
         self.holdout_losses = np.full(model.num_members, np.inf)
@@ -276,6 +301,23 @@ class DynamicsTrainer:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def train_epoch(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """Steps over the columns of ``perm`` (E, n) in batches of ``batch_size``: member e's batch t is rows
+        ``perm[e, t*B:(t+1)*B]`` of the normalised x (N, D_i) and y (N, D_t), gathered in one op. Returns the
+        mean loss as a device tensor (no host sync)."""
+        bs = self.cfg.batch_size
+        assert perm.dim() == 2 and perm.shape[0] == self.model.num_members, (
+            f"train_epoch: perm must be (E={self.model.num_members}, n), got {tuple(perm.shape)}")
+        e = perm.shape[0]
+        loss_sum = torch.zeros((), device=self.device)
+        num_steps = 0
+        for i in range(0, perm.shape[1], bs):
+            idx = perm[:, i:i + bs].reshape(-1)  # (E * b,): index_select is ~4x faster than x[idx_2d]
+            b = idx.shape[0] // e
+            loss_sum += self.step(x.index_select(0, idx).view(e, b, -1), y.index_select(0, idx).view(e, b, -1))
+            num_steps += 1
+        return loss_sum / max(num_steps, 1)
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray,
@@ -304,7 +346,8 @@ class DynamicsTrainer:
             m.set_normalizer(normalizer_stats(train_inputs, train_targets))
         x_all = torch.as_tensor(np.asarray(train_inputs, dtype=np.float32), device=self.device)
         y_all = torch.as_tensor(np.asarray(train_targets, dtype=np.float32), device=self.device)
-        assert x_all.dim() == 2 and x_all.shape[1] == m.in_dim and y_all.shape == (x_all.shape[0], m.out_dim), (
+        ok = x_all.dim() == 2 and x_all.shape[1] == m.in_dim and y_all.shape == (x_all.shape[0], m.out_dim)
+        assert ok, (
             f"train: expected inputs (N, {m.in_dim}) and targets (N, {m.out_dim}), "
             f"got {tuple(x_all.shape)} and {tuple(y_all.shape)}"
         )
@@ -315,7 +358,7 @@ class DynamicsTrainer:
         hy = torch.as_tensor(np.asarray(holdout_targets, dtype=np.float32), device=self.device)
         hx, hy = (hx - m.in_mean) / m.in_std, (hy - m.out_mean) / m.out_std
 
-        n, e, bs = x_all.shape[0], m.num_members, cfg.batch_size
+        n, e = x_all.shape[0], m.num_members
         if cfg.bootstrap:
             boot = torch.randint(n, (e, n), generator=g, device=self.device)
         max_epochs = cfg.max_epochs if max_epochs is None else max_epochs
@@ -330,14 +373,8 @@ class DynamicsTrainer:
             perm = torch.argsort(torch.rand(e, n, generator=g, device=self.device), dim=1)
             if cfg.bootstrap:
                 perm = torch.gather(boot, 1, perm)
-            loss_sum = torch.zeros((), device=self.device)
-            num_steps = 0
-            for i in range(0, n, bs):
-                idx = perm[:, i:i + bs]
-                loss_sum += self.step(x_all[idx], y_all[idx])
-                num_steps += 1
-                rows += idx.shape[1]
-            last_loss = loss_sum / max(num_steps, 1)
+            last_loss = self.train_epoch(x_all, y_all, perm)
+            rows += n
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_time += time.perf_counter() - t0
@@ -355,7 +392,7 @@ class DynamicsTrainer:
                 epochs_since = 0
             else:
                 epochs_since += 1
-            if epochs_since > cfg.max_epochs_since_update:
+            if epochs_since >= cfg.max_epochs_since_update:  # the config's contract (MBPO stops one later)
                 break
             if max_epochs and epoch >= max_epochs:
                 break
@@ -381,6 +418,7 @@ class DynamicsTrainer:
         }
         for i, v in enumerate(best):
             metrics[f"dynamics/holdout_mse_member_{i}"] = float(v)
+            metrics[f"dynamics/is_elite_member_{i}"] = float(i in set(elites.tolist()))
         return metrics
 
     def state_dict(self) -> dict:
@@ -397,7 +435,7 @@ class DynamicsTrainer:
 def train_ensemble(model: EnsembleDynamics, inputs: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
                    generator: torch.Generator | None = None, cfg: DynamicsConfig | None = None,
                    max_epochs: int | None = None) -> dict[str, float]:
-    """The single-process path: split a holdout, fit the normaliser on the training rows, train, pick elites."""
+    """The single-process path: split a holdout, fit the normaliser on the training rows, train, elites."""
     cfg = cfg if cfg is not None else model.cfg
     tr, ho = holdout_split(inputs.shape[0], cfg, rng)
     model.set_normalizer(normalizer_stats(inputs[tr], targets[tr]))

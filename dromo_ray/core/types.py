@@ -43,7 +43,9 @@ class NumpyBatch(NamedTuple):
     def to_torch(self, device: torch.device | str = "cpu") -> Batch:
         return Batch(*(torch.as_tensor(np.asarray(a, dtype=np.float32), device=device) for a in self))
 
-    def __len__(self) -> int:  # type: ignore[override]
+    @property
+    def size(self) -> int:
+        """Rows (``len()`` stays the tuple's field count, so namedtuple methods keep working)."""
         return int(self.obs.shape[0])
 
 

@@ -107,7 +107,7 @@ class ReplayServer:
 
     def add(self, batch: NumpyBatch) -> int:
         self.buffer.add(batch)
-        self.added += len(batch)
+        self.added += batch.size
         return len(self.buffer)
 
     def size(self) -> int:
@@ -186,7 +186,7 @@ class RolloutWorker:
                             deterministic_model=self.cfg.rollout.deterministic)
         stats = rollout_stats(batch, num_starts)
         self.busy_s += time.perf_counter() - t0
-        self.transitions += len(batch)
+        self.transitions += batch.size
         return batch, stats
 
     # async mode -----------------------------------------------------------------------------------------

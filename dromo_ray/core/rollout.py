@@ -1,0 +1,88 @@
+"""Branched model rollouts (Alg. 1 line 4): K start states from D, H steps of the target policy in the model.
+
+Shapes: K start rows, D_o observation dims, D_a action dims, N <= K * H transitions returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dromo_ray.core.model_env import ModelEnv
+from dromo_ray.core.nets import TanhGaussianActor
+from dromo_ray.core.types import NumpyBatch
+
+CPU_ROLLOUT_CHUNK = 2048
+"""Start states rolled out together on CPU (policy and model activations stay in cache)."""
+
+
+@torch.no_grad()
+def rollout(model_env: ModelEnv, actor: TanhGaussianActor, start_obs: torch.Tensor, horizon: int,
+            generator: torch.Generator | None = None, deterministic_policy: bool = False,
+            deterministic_model: bool = False, chunk_size: int | None = None) -> NumpyBatch:
+    """Roll the target policy ``actor`` (pi_theta') out for ``horizon`` steps from ``start_obs`` (K, D_o).
+
+    A row that terminates stores its terminal transition (done = 1) and is not rolled out further. Returns
+    every transition as float32 numpy arrays: obs (N, D_o), act (N, D_a), rew (N,), next_obs (N, D_o),
+    done (N,) 0/1, unc (N,) the model env's selected signal.
+
+    Start states are processed in chunks of ``chunk_size`` rows (default :data:`CPU_ROLLOUT_CHUNK` on CPU,
+    all at once on CUDA), each rolled out for the whole horizon; rows come out chunk-major, then step-major
+    (chunk 0's step-0 rows, its step-1 rows, ..., then chunk 1's). The result is deterministic for a given
+    generator state and chunk size.
+
+    Everything stays on the model's device until the end: the only host syncs are one per step to drop
+    terminated rows (a boolean index) and the single transfer of the packed result.
+    """
+    d_o = model_env.obs_dim
+    assert start_obs.dim() == 2 and start_obs.shape[1] == d_o, (
+        f"rollout expects start_obs (K, {d_o}), got {tuple(start_obs.shape)}"
+    )
+    if horizon < 1:
+        raise ValueError(f"rollout: horizon must be >= 1, got {horizon}")
+    if chunk_size is None:
+        chunk_size = CPU_ROLLOUT_CHUNK if start_obs.device.type == "cpu" else 0
+    k = start_obs.shape[0]
+    step = chunk_size if chunk_size > 0 else max(k, 1)
+    chunks: list[torch.Tensor] = []
+    for i in range(0, k, step):
+        _rollout_chunk(model_env, actor, start_obs[i:i + step], horizon, generator, deterministic_policy,
+                       deterministic_model, chunks)
+    return _unpack(chunks, model_env.obs_dim, model_env.act_dim)
+
+
+def _rollout_chunk(model_env: ModelEnv, actor: TanhGaussianActor, obs: torch.Tensor, horizon: int,
+                   generator: torch.Generator | None, deterministic_policy: bool, deterministic_model: bool,
+                   chunks: list[torch.Tensor]) -> None:
+    for h in range(horizon):
+        act, _ = actor.sample(obs, generator=generator, deterministic=deterministic_policy)
+        st = model_env.step(obs, act, generator, deterministic=deterministic_model)
+        done = st.done.to(obs.dtype)
+        chunks.append(torch.cat([obs, act, st.rew[:, None], st.next_obs, done[:, None], st.unc[:, None]], 1))
+        if h + 1 < horizon:
+            obs = st.next_obs[~st.done]
+            if obs.shape[0] == 0:
+                break
+
+
+def _unpack(chunks: list[torch.Tensor], d_o: int, d_a: int) -> NumpyBatch:
+    if not chunks:
+        chunks = [torch.zeros(0, 2 * d_o + d_a + 3)]
+    packed = torch.cat(chunks, 0).to("cpu", torch.float32).numpy()
+    cols = np.cumsum([0, d_o, d_a, 1, d_o, 1, 1])
+    obs_np, act_np, rew_np, next_np, done_np, unc_np = (
+        np.ascontiguousarray(packed[:, a:b]) for a, b in zip(cols[:-1], cols[1:], strict=True)
+    )
+    return NumpyBatch(obs_np, act_np, rew_np[:, 0], next_np, done_np[:, 0], unc_np[:, 0])
+
+
+def rollout_stats(batch: NumpyBatch, num_starts: int) -> dict[str, float]:
+    """Summary of one rollout round: mean reward, fraction of the ``num_starts`` rows that terminated,
+    mean uncertainty, number of transitions."""
+    n = batch.size
+    return {
+        "rollout/mean_reward": float(batch.rew.mean()) if n else 0.0,
+        "rollout/frac_terminated": float(batch.done.sum()) / max(int(num_starts), 1),
+        "rollout/mean_unc": float(batch.unc.mean()) if n else 0.0,
+        "rollout/transitions": float(n),
+    }
