@@ -128,7 +128,8 @@ class AgentConfig:
     mopo_uncertainty: str = "max_aleatoric"
     """u(s,a): ``max_aleatoric``, ``disagreement`` or ``entropy`` (appendix B); mopo_auto uses entropy."""
     mopo_target_entropy: float = 0.0
-    """delta of appendix B Eq. 30, in nats per output dimension."""
+    """delta of appendix B Eq. 30, in nats: the allowed Gaussian entropy of a model prediction, summed over the
+    output dimensions (the model env's ``entropy`` signal, sum_d 1/2 (1 + log 2 pi sigma_d^2))."""
     mopo_lambda_lr: float = 1e-3
     """Step size of the dual update of lambda (Eq. 28-30)."""
     max_grad_norm: float = 0.0

@@ -11,6 +11,7 @@ Theorem 4.2 (and ``AgentConfig.f``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,9 +37,15 @@ def bellman_error(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * (q - target.detach()).square().mean(-1)
 
 
+@functools.lru_cache(maxsize=16)
+def _rounded_sqrt(eps: float, dtype: torch.dtype) -> float:
+    # sqrt(ε) as x's dtype computes it (once per (ε, dtype); a CPU scalar, never a device sync).
+    return float(torch.tensor(eps, dtype=dtype).sqrt())
+
+
 def _sqrt_eps(x: torch.Tensor, eps: float) -> torch.Tensor:
     # sqrt(x + ε) - sqrt(ε): exactly 0 at x = 0 and with a finite gradient there (sqrt's is infinite at 0).
-    return (x + eps).sqrt() - math.sqrt(eps)
+    return (x + eps).sqrt() - _rounded_sqrt(eps, x.dtype)
 
 
 def action_variance_penalty(q_samples: torch.Tensor, count: torch.Tensor, alpha: float,

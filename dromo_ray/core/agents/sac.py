@@ -1,0 +1,357 @@
+"""The actor-critic core every algorithm shares: SAC with twin critics, target critics and a target policy.
+
+One update (Algorithm 1, lines 5-7) on a d_f batch (``MixedBatch``: f·B rows from D, (1-f)·B from D_model):
+
+1. critic (Eq. 13): ½ E_{d_f}[(Q_ψ - T̂^π Q_ψ')²] plus the algorithm's critic terms (DROMO's variance and
+   conservative terms, COMBO's conservative term; none for MBPO/MOPO), all critic inputs of the update in ONE
+   forward of the twin critics;
+2. actor (Eq. 14): maximise E_{s~d_f}[min_j Q_j(s, π(s))] + R(π), R = SAC entropy (Alg. 1 line 6: d_f states);
+3. SAC temperature; the algorithm's own dual variable (MOPO-auto's λ);
+4. Polyak of the target critics AND the target policy (line 7). The paper prints θ' ← τθ + τθ'; that is a typo
+   for τθ + (1-τ)θ', which is what the ψ' half of the same line says and what we do.
+
+The algorithms differ by two small components (composition, not subclassing): ``terms`` adds critic inputs and
+critic loss terms (``agents/dromo.py``), ``penalty`` rewrites model rewards and owns λ (``agents/mopo.py``).
+Shapes: E = 2 critics, B batch rows, D_o / D_a observation / action dims, M actions per state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from dromo_ray.core import losses as L
+from dromo_ray.core.agents.fused import Workspace, twin_q
+from dromo_ray.core.config import AgentConfig
+from dromo_ray.core.nets import TanhGaussianActor, TwinCritic, polyak_update, tanh_gaussian_log_prob
+from dromo_ray.core.types import MixedBatch
+
+Metrics = dict[str, Any]
+"""``train/...`` -> float (``sync_metrics=True``) or detached 0-dim tensor (``sync_metrics=False``)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss records: one frozen dataclass per algorithm, turned into ``train/<field>`` keys mechanically.
+
+
+@dataclasses.dataclass(frozen=True)
+class SACLosses:
+    """What every algorithm reports. Critic terms are summed over the twin critics (the minimised objective)."""
+
+    critic_loss: torch.Tensor
+    bellman: torch.Tensor
+    actor_loss: torch.Tensor
+    entropy_coef: torch.Tensor
+    entropy: torch.Tensor
+    """-E[log π(a|s)] on the actor-step samples."""
+    q_data: torch.Tensor
+    """Mean Q_ψ(s, a) over the D rows of the batch (mean of the twins)."""
+    q_model: torch.Tensor
+    """Mean Q_ψ(s, a) over the D_model rows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MbpoLosses(SACLosses):
+    """MBPO: plain SAC on d_f (α = β = 0)."""
+
+
+def to_metrics(losses: SACLosses, sync: bool) -> Metrics:
+    """A loss record -> ``{"train/<field>": value}``; one host sync for all values when ``sync``."""
+    names = [f.name for f in dataclasses.fields(losses)]
+    values = [getattr(losses, n).detach() for n in names]
+    if sync:
+        return {f"train/{n}": float(v) for n, v in zip(names, torch.stack(values).tolist(), strict=True)}
+    return {f"train/{n}": v for n, v in zip(names, values, strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Components.
+
+
+class PolicyDist(NamedTuple):
+    """Parameters of a tanh-Gaussian policy at B states: mu, log_std (B, D_a)."""
+
+    mu: torch.Tensor
+    log_std: torch.Tensor
+
+    def sample(self, generator: torch.Generator, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised a = tanh(mu + σ ε) and log π(a|s): (B, D_a), (B,); or (B, M, D_a), (B, M) with num=M."""
+        mu, log_std = self.mu, self.log_std
+        if num is not None:
+            mu, log_std = mu.unsqueeze(1).expand(-1, num, -1), log_std.unsqueeze(1).expand(-1, num, -1)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        u = mu + eps * log_std.exp()
+        return torch.tanh(u), tanh_gaussian_log_prob(u, mu, log_std)
+
+    def __getitem__(self, rows: Any) -> PolicyDist:  # type: ignore[override]
+        return PolicyDist(self.mu[rows], self.log_std[rows])
+
+
+class UpdateInputs(NamedTuple):
+    """What the critic terms may use: d_f states s (B, D_o) and s' (B, D_o), the first ``n_real`` rows from D,
+    π_θ's distribution at s and at s' (detached), and the agent's generator."""
+
+    obs: torch.Tensor
+    next_obs: torch.Tensor
+    n_real: int
+    pi: PolicyDist
+    pi_next: PolicyDist
+    generator: torch.Generator
+
+
+class CriticTerms(Protocol):
+    """Critic loss terms beyond the Bellman error. ``plan`` returns extra critic inputs (obs (N, D_o),
+    act (N, D_a)) and whatever ``losses`` needs; ``losses`` gets Q_ψ on the batch (E, B) and on the extra rows
+    (E, N) and returns ``{name: (E,) tensor}``, names matching the algorithm's loss record."""
+
+    def plan(self, inputs: UpdateInputs) -> Any: ...
+
+    def extra_rows(self, plan: Any) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def losses(self, q: torch.Tensor, q_extra: torch.Tensor | None, plan: Any, n_real: int
+               ) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RewardPenalty(Protocol):
+    """Rewrites model-row rewards (MOPO) and updates its own λ after the actor step."""
+
+    def reward(self, rew: torch.Tensor, unc: torch.Tensor) -> torch.Tensor: ...
+
+    def update(self, unc: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Fused Adam (one kernel over all parameters) where torch has it, foreach otherwise."""
+    if device.type in ("cpu", "cuda"):
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No weight gradients for ``module`` inside (its inputs still get theirs): the actor step backpropagates
+    through the critic to the actions only."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def cpu_copy(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples with every tensor detached, cloned and moved to CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SACAgent:
+    """The one face of every algorithm: ``update``, ``act``, ``target_policy_state``, ``state_dict``.
+
+    Attributes: ``actor`` π_θ, ``target_actor`` π_θ' (drives model rollouts, Alg. 1 line 4), ``critic`` and
+    ``target_critic`` (TwinCritic), ``device``, ``generator`` (every sample of an update is drawn from it).
+    """
+
+    def __init__(self, cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | torch.device = "cpu",
+                 seed: int = 0, losses_cls: type[SACLosses] = MbpoLosses, terms: CriticTerms | None = None,
+                 penalty: RewardPenalty | None = None) -> None:
+        self.cfg = cfg
+        self.algorithm = cfg.algorithm
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.device = torch.device(device)
+        self.losses_cls, self.terms, self.penalty = losses_cls, terms, penalty
+        self.gamma, self.tau = float(cfg.gamma), float(cfg.tau)
+        self.target_entropy = float(-act_dim if cfg.target_entropy is None else cfg.target_entropy)
+        self.max_grad_norm = float(cfg.max_grad_norm)
+        self.step = 0
+
+        # Initial weights from the seed without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            actor = TanhGaussianActor(obs_dim, act_dim, cfg.hidden_dims)
+            critic = TwinCritic(obs_dim, act_dim, cfg.hidden_dims)
+        self.actor = actor.to(self.device)
+        self.critic = critic.to(self.device)
+        self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.act_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+        self.auto_entropy = bool(cfg.auto_entropy)
+        self.log_ent_coef = torch.tensor(math.log(cfg.init_entropy_coef), device=self.device,
+                                         requires_grad=self.auto_entropy)
+        self.actor_opt = adam(self.actor.parameters(), cfg.actor_lr, self.device)
+        self.critic_opt = adam(self.critic.parameters(), cfg.critic_lr, self.device)
+        self.ent_opt = adam([self.log_ent_coef], cfg.entropy_lr, self.device) if self.auto_entropy else None
+        self._critic_params = list(self.critic.parameters())
+        self._ws = Workspace()  # critic activations reused across updates (see agents/fused.py)
+        self._actor_params = list(self.actor.parameters())
+
+    # ------------------------------------------------------------------------------------------------------
+    def update(self, batch: MixedBatch, sync_metrics: bool = True) -> Metrics:
+        """One step of Algorithm 1, lines 5-7, on a d_f batch; returns ``train/...`` metrics (detached 0-dim
+        tensors without a host sync when ``sync_metrics`` is False)."""
+        real, model = batch.real, batch.model
+        n_real, n_model = real.obs.shape[0], model.obs.shape[0]
+        gen = self.generator
+        obs = torch.cat([real.obs, model.obs])
+        act = torch.cat([real.act, model.act])
+        next_obs = torch.cat([real.next_obs, model.next_obs])
+        done = torch.cat([real.done, model.done])
+        model_rew = model.rew if self.penalty is None else self.penalty.reward(model.rew, model.unc)
+        rew = torch.cat([real.rew, model_rew])
+        assert obs.shape[1] == self.obs_dim and act.shape[1] == self.act_dim and rew.dim() == 1, (
+            f"batch: obs (B, {self.obs_dim}), act (B, {self.act_dim}), rew (B,) expected")
+        ent_coef = self.log_ent_coef.detach().exp()
+
+        # π_θ at s (kept with its graph: the actor step reuses it, the actor has not changed by then) and at s'.
+        pi = PolicyDist(*self.actor.dist_params(obs))
+        with torch.no_grad():
+            pi_next = PolicyDist(*self.actor.dist_params(next_obs))
+            # T̂^π Q_ψ' (Eq. 6/7) with a' ~ π_θ(·|s'): the current policy, as in SAC; the target policy π_θ'
+            # drives the model rollouts (Alg. 1 line 4).
+            a_next, logp_next = pi_next.sample(gen)
+            q_next = twin_q(self.target_critic, next_obs, a_next, self._ws)
+            target = L.soft_bellman_target(rew, done, q_next, logp_next, self.gamma, ent_coef)
+            plan = extra = None
+            if self.terms is not None:
+                pi_detached = PolicyDist(pi.mu.detach(), pi.log_std.detach())
+                plan = self.terms.plan(UpdateInputs(obs, next_obs, n_real, pi_detached, pi_next, gen))
+                extra = self.terms.extra_rows(plan)
+
+        # Critic (Eq. 13): every critic input of the update in one forward of the twin critics.
+        if extra is None:
+            q, q_extra = twin_q(self.critic, obs, act, self._ws), None
+        else:
+            q_all = twin_q(self.critic, torch.cat([obs, extra[0]]), torch.cat([act, extra[1]]), self._ws)
+            q, q_extra = q_all[:, : obs.shape[0]], q_all[:, obs.shape[0]:]
+        bellman = L.bellman_error(q, target).sum()
+        terms = {} if self.terms is None else {k: v.sum() for k, v in
+                                               self.terms.losses(q, q_extra, plan, n_real).items()}
+        critic_loss = bellman + sum(terms.values()) if terms else bellman
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if self.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self._critic_params, self.max_grad_norm, foreach=True)
+        self.critic_opt.step()
+
+        # Actor (Eq. 14) on the d_f states, under the new critic.
+        a_pi, logp_pi = pi.sample(gen)
+        with frozen(self.critic):
+            q_pi = twin_q(self.critic, obs, a_pi, self._ws)
+        actor_loss = L.sac_actor_loss(q_pi, logp_pi, ent_coef)
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        if self.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self._actor_params, self.max_grad_norm, foreach=True)
+        self.actor_opt.step()
+
+        # SAC temperature.
+        if self.ent_opt is not None:
+            ent_loss = L.entropy_coef_loss(self.log_ent_coef, logp_pi, self.target_entropy)
+            self.ent_opt.zero_grad(set_to_none=True)
+            ent_loss.backward()
+            self.ent_opt.step()
+        extra_metrics = self.penalty.update(model.unc) if self.penalty is not None else {}
+
+        # Target critics and target policy (Alg. 1 line 7): x' <- τ x + (1 - τ) x'.
+        polyak_update(self.target_critic, self.critic, self.tau)
+        polyak_update(self.target_actor, self.actor, self.tau)
+        self.step += 1
+
+        q_det = q.detach()
+        zero = q_det.new_zeros(())
+        record = self.losses_cls(
+            critic_loss=critic_loss.detach(), bellman=bellman.detach(), actor_loss=actor_loss.detach(),
+            entropy_coef=ent_coef, entropy=-logp_pi.detach().mean(),
+            q_data=q_det[:, :n_real].mean() if n_real else zero,
+            q_model=q_det[:, n_real:].mean() if n_model else zero,
+            **{k: v.detach() for k, v in terms.items()}, **extra_metrics)
+        return to_metrics(record, sync_metrics)
+
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """π_θ's action for obs (D_o,) or (B, D_o) -> (D_a,) or (B, D_a); stochastic draws use their own generator."""
+        x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
+        single = x.dim() == 1
+        x = x.unsqueeze(0) if single else x
+        if deterministic:
+            a = self.actor(x)
+        else:
+            a = PolicyDist(*self.actor.dist_params(x)).sample(self.act_generator)[0]
+        out = a.cpu().numpy()
+        return out[0] if single else out
+
+    def target_policy_state(self) -> dict[str, torch.Tensor]:
+        """Inference-only weights of the target policy π_θ' (Alg. 1 line 4), as CPU copies."""
+        return cpu_copy(self.target_actor.state_dict())
+
+    # ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a bitwise-identical continuation needs, as CPU copies (safe to pickle or torch.save)."""
+        state: dict[str, Any] = {
+            "algorithm": self.algorithm,
+            "step": self.step,
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_actor": self.target_actor.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "log_ent_coef": self.log_ent_coef,
+            "ent_opt": self.ent_opt.state_dict() if self.ent_opt is not None else None,
+            "generator": self.generator.get_state(),
+            "act_generator": self.act_generator.get_state(),
+            "terms": self.terms.state_dict() if self.terms is not None else {},
+            "penalty": self.penalty.state_dict() if self.penalty is not None else {},
+        }
+        return cpu_copy(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("algorithm", self.algorithm) != self.algorithm:
+            raise ValueError(f"state of a {state['algorithm']!r} agent cannot load into {self.algorithm!r}")
+        state = cpu_copy(state)  # never alias the caller's tensors (optimizer states are loaded by reference)
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_actor.load_state_dict(state["target_actor"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        with torch.no_grad():
+            self.log_ent_coef.copy_(state["log_ent_coef"])
+        if self.ent_opt is not None and state.get("ent_opt") is not None:
+            self.ent_opt.load_state_dict(state["ent_opt"])
+        self.generator.set_state(state["generator"])
+        self.act_generator.set_state(state["act_generator"])
+        if self.terms is not None:
+            self.terms.load_state_dict(state.get("terms", {}))
+        if self.penalty is not None:
+            self.penalty.load_state_dict(state.get("penalty", {}))
+        self.step = int(state["step"])
