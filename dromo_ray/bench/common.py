@@ -53,3 +53,14 @@ def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
         if isinstance(v, float):
             v = f"{v:,.2f}"
         print(f"  {k:<{width}}  {v}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The benchmark's device; a CUDA request without a usable GPU is a one-line user error, not a traceback."""
+    device = torch.device(name or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from dromo_ray.cli import UserError
+
+        built = "with" if torch.backends.cuda.is_built() else "without"
+        raise UserError(f"--device {name}: no usable CUDA GPU (torch {torch.__version__} was built {built} CUDA)")
+    return device

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dromo_ray.bench.common import device_name, emit, measured_matmul_peak_gflops, sync
+from dromo_ray.bench.common import device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
 from dromo_ray.core.agents import make_agent
 from dromo_ray.core.config import AgentConfig
 from dromo_ray.core.density import KDEDensity
@@ -127,7 +127,7 @@ def peak_gflops(device: torch.device, tries: int = 3) -> float:
 def run(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads > 0 else (os.cpu_count() or 1)
     set_torch_threads(threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     peak_before = peak_gflops(device)
     result = measure(args.algo, device, batch=args.batch, steps=args.steps)
     peak = max(peak_before, peak_gflops(device))  # before and after: a neighbour's burst lowers one of them
