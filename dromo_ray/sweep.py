@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -84,7 +85,7 @@ from dromo_ray.core.config import (
 
 SWEEP_KEYS = ("name", "base", "search", "seeds", "metric", "mode", "num_samples", "max_concurrent_trials",
               "max_failures", "scheduler", "searcher", "resources", "storage_path")
-CONFIG_KEYS = tuple(f.name for f in __import__("dataclasses").fields(ExperimentConfig))
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRIC_NAMESPACES = ("train/", "dynamics/", "eval/", "perf/", "rollout/", "replay/", "final/", "behavior/")
 NOT_SEARCHABLE = ("seed", "out_dir", "tracking.")

@@ -9,6 +9,7 @@ batches (one RPC per chunk in the runtime) and are sliced on the device.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,8 +76,6 @@ class LearnerCore:
                 for _ in range(k):
                     yield None
             else:
-                import time
-
                 t0 = time.perf_counter()
                 chunk = self.fetch_model_chunk(k, self.n_model).to_torch(self.device)
                 self.data_wait_s += time.perf_counter() - t0
