@@ -119,25 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("dromo_ray.report"))
 
     # behavior / suite ---------------------------------------------------------------------------------
-    p = sub.add_parser("behavior", help="behaviour policies trained online with RLlib SAC")
+    p = sub.add_parser("behavior", help="behaviour policies trained online with SAC in the real environment")
     bsub = p.add_subparsers(dest="behavior_command", required=True)
-    q = bsub.add_parser("train", help="RLlib SAC on a Gymnasium v5 env: policy checkpoints, their returns "
-                        "(index.json) and a replay log of every transition (replay.hdf5)")
-    q.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
-    q.add_argument("--steps", type=int, default=1_000_000, help="env steps (default 1M, D4RL's budget)")
+    q = bsub.add_parser("train", help="SAC on a Gymnasium v5 env: evaluated policy checkpoints (index.json), a "
+                        "replay log of every transition (replay.hdf5); resumable")
+    q.add_argument("--env", choices=["hopper", "halfcheetah", "walker2d"], default=None,
+                   help="environment (required unless --resume)")
+    q.add_argument("--steps", type=int, default=None, help="env steps (default 1M, D4RL's budget; with --resume: "
+                   "the new total)")
     q.add_argument("--out", default=None, help="output directory (default behavior_<env>); must be fresh")
+    q.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--hidden", default="256,256", help="hidden widths of the policy and Q networks")
-    q.add_argument("--checkpoint-every", type=int, default=0, help="env steps between checkpoints "
-                   "(default steps/20)")
+    q.add_argument("--eval-every", type=int, default=10_000, help="env steps between evaluated checkpoints")
+    q.add_argument("--checkpoint-every", type=int, default=0, help="(rllib backend) env steps between "
+                   "checkpoints (default steps/20)")
     q.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per checkpoint and mode")
-    q.add_argument("--learning-starts", type=int, default=10_000, help="env steps before the first update")
-    q.add_argument("--updates-every", type=int, default=1, help="env steps per SAC update (1: SAC's ratio)")
-    q.add_argument("--time-limit", type=float, default=0.0, help="stop at the first checkpoint after this "
-                   "many seconds (0: none)")
-    q.add_argument("--save-rllib", action="store_true", help="also save the final RLlib checkpoint")
+    q.add_argument("--learning-starts", type=int, default=None, help="random env steps before the first update "
+                   "(default 5000; rllib: 10000)")
+    q.add_argument("--updates-every", type=int, default=1, help="(rllib backend) env steps per SAC update")
+    q.add_argument("--time-limit", type=float, default=0.0, help="stop (resumably) after this many seconds "
+                   "(0: none)")
+    q.add_argument("--backend", choices=["sac", "rllib"], default="sac", help="sac: the project's SAC core "
+                   "(fast, resumable); rllib: RLlib's SAC (new API stack)")
+    q.add_argument("--save-rllib", action="store_true", help="(rllib backend) also save the RLlib checkpoint")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(func=_handler("dromo_ray.behavior.train", "run_train"))
+    q.set_defaults(func=_handler("dromo_ray.cli", "cmd_behavior_train"))
 
     p = sub.add_parser("suite", help="D4RL-v2-style datasets made from a behaviour run")
     ssub = p.add_subparsers(dest="suite_command", required=True)
@@ -183,6 +190,62 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_handler("dromo_ray.bench.pipeline"))
 
     return parser
+
+
+def _parse_widths(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(h) for h in str(text).split(",") if h.strip())
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    return widths
+
+
+def cmd_behavior_train(args: argparse.Namespace) -> int:
+    """``dromo-ray behavior train``."""
+    if args.backend == "rllib":
+        from dromo_ray.behavior.train import run_train
+
+        if args.resume:
+            raise UserError("--resume: the rllib backend is not resumable; use --backend sac")
+        if args.env is None:
+            raise UserError("--env is required")
+        args.learning_starts = 10_000 if args.learning_starts is None else args.learning_starts
+        args.steps = 1_000_000 if args.steps is None else args.steps
+        return run_train(args)
+    import json
+
+    from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.data.online_sac import OnlineSAC, OnlineSACConfig
+
+    set_torch_threads(1)
+    progress = sys.stderr.isatty() and not args.json
+    log = None if args.json else (lambda s: print(s, flush=True))
+    try:
+        if args.resume:
+            trainer = OnlineSAC.resume(args.resume, steps=args.steps, progress=progress, log=log)
+        else:
+            if args.env is None:
+                raise UserError("--env is required (or --resume DIR)")
+            cfg = OnlineSACConfig(env=args.env, steps=1_000_000 if args.steps is None else args.steps,
+                                  out=args.out or "", seed=args.seed, hidden=_parse_widths(args.hidden, "--hidden"),
+                                  eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                                  learning_starts=5_000 if args.learning_starts is None else args.learning_starts,
+                                  time_limit_s=args.time_limit)
+            cfg.validate()
+            trainer = OnlineSAC(cfg, progress=progress, log=log)
+        trainer.cfg.time_limit_s = float(args.time_limit)  # a limit of this sitting, never inherited
+        index = trainer.run()
+    except (ValueError, FileExistsError) as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(index, indent=2))
+    else:
+        state = "complete" if index["complete"] else f"stopped: {index.get('stopped_early', '')}"
+        print(f"{index['env_steps']} env steps, {len(index['checkpoints'])} checkpoints ({state}); "
+              f"{trainer.out}/index.json")
+    return 0
 
 
 def _version() -> str:

@@ -112,13 +112,15 @@ def env_name(gym_id: str) -> str:
 
 
 def _register_env(gym_id: str) -> str:
-    import gymnasium as gym
     from ray.tune.registry import register_env
 
     from dromo_ray.behavior.replay_log import MujocoStateInfo
+    from dromo_ray.data.gym_env import env_spec, gym_make
+
+    spec = env_spec(gym_id)
 
     def creator(env_config: dict[str, Any]):
-        return MujocoStateInfo(gym.make(gym_id, max_episode_steps=int(env_config.get("max_episode_steps", 1000))))
+        return MujocoStateInfo(gym_make(spec, int(env_config.get("max_episode_steps", 1000))))
 
     name = env_name(gym_id)
     register_env(name, creator)

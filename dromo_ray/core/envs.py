@@ -60,6 +60,16 @@ class EnvSpec:
     """D4RL's random-policy return."""
     ref_max_score: float
     """D4RL's expert return."""
+    xml_file: str | None = None
+    """MuJoCo model file (a name among Gymnasium's assets) given to ``gym.make(gym_id, xml_file=...)``; None
+    keeps the v5 default. Walker2d uses ``walker2d.xml``, the v2-v4 model, whose right foot has friction 0.9
+    and left foot 1.9; ``walker2d_v5.xml`` (v5's default) gives both feet 1.9 (Gymnasium's v5 changelog).
+    D4RL's walker2d data and every published walker2d number come from the v2-v4 model."""
+
+    @property
+    def model(self) -> str:
+        """The MDP in words, for dataset metadata and MLflow tags: ``Walker2d-v5 (walker2d.xml)``."""
+        return f"{self.gym_id} ({self.xml_file or 'default model'})"
 
     def normalized_score(self, ret: float | np.ndarray) -> float | np.ndarray:
         """D4RL normalized score: 100 (return - random) / (expert - random)."""
@@ -69,7 +79,8 @@ class EnvSpec:
 ENVS: dict[str, EnvSpec] = {
     "hopper": EnvSpec("hopper", "Hopper-v5", 11, 3, hopper_termination, -20.272305, 3234.3),
     "halfcheetah": EnvSpec("halfcheetah", "HalfCheetah-v5", 17, 6, halfcheetah_termination, -280.178953, 12135.0),
-    "walker2d": EnvSpec("walker2d", "Walker2d-v5", 17, 6, walker2d_termination, 1.629008, 4592.3),
+    "walker2d": EnvSpec("walker2d", "Walker2d-v5", 17, 6, walker2d_termination, 1.629008, 4592.3,
+                        xml_file="walker2d.xml"),
 }
 
 

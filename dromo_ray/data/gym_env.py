@@ -29,13 +29,20 @@ def env_spec(env_key: str) -> EnvSpec:
         raise ValueError(str(e.args[0])) from None
 
 
+def gym_make(spec: EnvSpec, max_episode_steps: int = 1000) -> gym.Env:
+    """The one place a real environment is built: ``gym.make`` of the spec's id and MuJoCo model."""
+    kwargs = {} if spec.xml_file is None else {"xml_file": spec.xml_file}
+    return gym.make(spec.gym_id, max_episode_steps=int(max_episode_steps), **kwargs)
+
+
 def make_env(env_key: str, seed: int | None = None, max_episode_steps: int = 1000) -> gym.Env:
-    """The Gymnasium v5 environment of ``env_key`` with a ``max_episode_steps`` time limit.
+    """The Gymnasium v5 environment of ``env_key`` (with its registry model, see ``EnvSpec.xml_file``) with a
+    ``max_episode_steps`` time limit.
 
     With ``seed``, the environment is reset once with it (seeding its RNG) and its action space seeded.
     """
     spec = env_spec(env_key)
-    env = gym.make(spec.gym_id, max_episode_steps=int(max_episode_steps))
+    env = gym_make(spec, max_episode_steps)
     if seed is not None:
         env.reset(seed=int(seed))
         env.action_space.seed(int(seed))
@@ -95,7 +102,7 @@ def evaluate_policy(act_fn: ActFn, env_key: str, episodes: int, seed: int, max_e
     n = max(1, min(int(episodes), int(num_envs or MAX_EVAL_ENVS)))
     quota = np.array([episodes // n + (j < episodes % n) for j in range(n)], dtype=np.int64)
     venv = gym.vector.SyncVectorEnv(
-        [lambda: gym.make(spec.gym_id, max_episode_steps=int(max_episode_steps)) for _ in range(n)],
+        [lambda: gym_make(spec, max_episode_steps) for _ in range(n)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     low, high = venv.single_action_space.low, venv.single_action_space.high
@@ -197,6 +204,7 @@ def collect_transitions(env_key: str, policy: ActFn | Literal["random"], steps: 
     metadata = {
         "env_key": spec.key,
         "env_id": spec.gym_id,
+        "env_model": spec.model,
         "gymnasium_version": versions["gymnasium"],
         "mujoco_version": versions["mujoco"],
         "dromo_ray_version": versions["dromo_ray"],
