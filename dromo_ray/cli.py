@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--hidden", default="256,256", help="hidden widths of the policy and Q networks")
+    q.add_argument("--batch-size", type=int, default=256, help="rows per SAC update (SAC's published 256)")
     q.add_argument("--eval-every", type=int, default=10_000, help="env steps between evaluated checkpoints")
     q.add_argument("--checkpoint-every", type=int, default=0, help="(rllib backend) env steps between "
                    "checkpoints (default steps/20)")
@@ -230,6 +231,7 @@ def cmd_behavior_train(args: argparse.Namespace) -> int:
                 raise UserError("--env is required (or --resume DIR)")
             cfg = OnlineSACConfig(env=args.env, steps=1_000_000 if args.steps is None else args.steps,
                                   out=args.out or "", seed=args.seed, hidden=_parse_widths(args.hidden, "--hidden"),
+                                  batch_size=args.batch_size,
                                   eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                                   learning_starts=5_000 if args.learning_starts is None else args.learning_starts,
                                   time_limit_s=args.time_limit)
