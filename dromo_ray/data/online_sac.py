@@ -90,6 +90,8 @@ class OnlineSACConfig:
     max_episode_steps: int = 1000
     time_limit_s: float = 0.0
     """Stop (with a resumable checkpoint) after this many seconds of this sitting; 0: no limit."""
+    final_eval: bool = True
+    """Evaluate (and save a policy checkpoint) when the step budget is reached; the benchmark turns it off."""
 
     def validate(self) -> OnlineSACConfig:
         self.env = env_spec(self.env).key
@@ -180,7 +182,7 @@ class OnlineSAC:
         self.train_returns: list[float] = []
         self._empty = Batch(*(torch.zeros(0, *s) for s in ((d_o,), (d_a,), (), (d_o,), (), ())))
         self.wall_s = 0.0
-        self.timing = {"env_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
+        self.timing = {"env_s": 0.0, "update_s": 0.0, "eval_s": 0.0, "learning_wall_s": 0.0, "learning_steps": 0}
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -326,6 +328,8 @@ class OnlineSAC:
         progress_f = open(self.out / "progress.jsonl", "a")  # noqa: SIM115 - closed in finally
         metrics: dict[str, Any] = {}
         stopped = ""
+        t_learn0: float | None = None
+        steps_learn0 = 0
         try:
             while self.env_steps < cfg.steps:
                 # ---- episode boundary: the only place state is saved, so resume needs no env state ----
@@ -355,6 +359,8 @@ class OnlineSAC:
                     t1 = time.perf_counter()
                     self.timing["env_s"] += t1 - t0
                     if self.env_steps >= cfg.learning_starts:
+                        if t_learn0 is None:
+                            t_learn0, steps_learn0 = t0, self.env_steps - 1
                         metrics = self.agent.update(self._batch(), sync_metrics=False)
                         self.updates += 1
                         self.timing["update_s"] += time.perf_counter() - t1
@@ -367,7 +373,7 @@ class OnlineSAC:
                         progress_f.write(json.dumps(row) + "\n")
                         progress_f.flush()
                         bar.update(self.env_steps - bar.n)
-                    if self.env_steps % cfg.eval_every == 0 or self.env_steps == cfg.steps:
+                    if self.env_steps % cfg.eval_every == 0 or (self.env_steps == cfg.steps and cfg.final_eval):
                         self.wall_s = wall0 + time.perf_counter() - t_start
                         entry = self._evaluate_checkpoint()
                         bar.set_postfix(det=f"{entry['return_mean']:.0f}",
@@ -393,6 +399,9 @@ class OnlineSAC:
             for s, h in old.items():
                 signal.signal(s, h)
         self.wall_s = wall0 + time.perf_counter() - t_start
+        if t_learn0 is not None:  # end-to-end speed once updates run: env step + action + update + logging
+            self.timing["learning_wall_s"] = time.perf_counter() - t_learn0 - self.timing["eval_s"]
+            self.timing["learning_steps"] = self.env_steps - steps_learn0
         self.save_state()
         complete = self.env_steps >= cfg.steps
         if stopped:
