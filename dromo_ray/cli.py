@@ -147,15 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("dromo_ray.cli", "cmd_behavior_train"))
 
-    p = sub.add_parser("suite", help="D4RL-v2-style datasets made from a behaviour run")
+    q = bsub.add_parser("ship", help="copy a behaviour run's medium or expert checkpoint into the package's shipped "
+                        "policies (re-evaluated; medium also ships its replay actions)")
+    q.add_argument("--run", required=True, help="output directory of `behavior train`")
+    q.add_argument("--part", required=True, choices=["medium", "expert"])
+    q.add_argument("--checkpoint", default=None, help="checkpoint name (default: the part's selection rule)")
+    q.add_argument("--episodes", type=int, default=10, help="evaluation episodes per action mode")
+    q.add_argument("--into", default=None, help="shipped-policy directory (default: the package's)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_handler("dromo_ray.cli", "cmd_behavior_ship"))
+
+    p = sub.add_parser("suite", help="D4RL-v2-style datasets made from the shipped policies or a behaviour run")
     ssub = p.add_subparsers(dest="suite_command", required=True)
     q = ssub.add_parser("make", help="random, medium, medium-replay, expert, medium-expert as D4RL HDF5 and "
                         "Minari (resumable)")
     q.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
     q.add_argument("--size", type=int, default=1_000_000, help="transitions of random, medium and expert")
     q.add_argument("--out", default=None, help="output directory (default suite_<env>)")
-    q.add_argument("--policies", default=None, help="output directory of `behavior train` "
-                   "(default behavior_<env>)")
+    q.add_argument("--policies", default=None, help="output directory of a `behavior train` run (default: the "
+                   "medium and expert policies shipped with the package)")
     q.add_argument("--seed", type=int, default=0, help="collection seed (part i uses seed + i)")
     q.add_argument("--parts", default="all", help="comma-separated subset of random,medium,medium-replay,"
                    "expert,medium-expert")
@@ -235,7 +245,8 @@ def cmd_behavior_train(args: argparse.Namespace) -> int:
     log = None if args.json else (lambda s: print(s, flush=True))
     try:
         if args.resume:
-            trainer = OnlineSAC.resume(args.resume, steps=args.steps, progress=progress, log=log)
+            trainer = OnlineSAC.resume(args.resume, steps=args.steps, time_limit_s=args.time_limit, progress=progress,
+                                       log=log)
         else:
             if args.env is None:
                 raise UserError("--env is required (or --resume DIR)")
@@ -247,7 +258,6 @@ def cmd_behavior_train(args: argparse.Namespace) -> int:
                                   time_limit_s=args.time_limit)
             cfg.validate()
             trainer = OnlineSAC(cfg, progress=progress, log=log)
-        trainer.cfg.time_limit_s = float(args.time_limit)  # a limit of this sitting, never inherited
         index = trainer.run()
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from None
@@ -257,6 +267,26 @@ def cmd_behavior_train(args: argparse.Namespace) -> int:
         state = "complete" if index["complete"] else f"stopped: {index.get('stopped_early', '')}"
         print(f"{index['env_steps']} env steps, {len(index['checkpoints'])} checkpoints ({state}); "
               f"{trainer.out}/index.json")
+    return 0
+
+
+def cmd_behavior_ship(args: argparse.Namespace) -> int:
+    """``dromo-ray behavior ship``."""
+    import json
+
+    from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.data.shipped import ship_checkpoint
+
+    set_torch_threads(1)
+    if args.episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {args.episodes}")
+    e = ship_checkpoint(args.run, args.part, args.checkpoint, episodes=args.episodes, directory=args.into)
+    if args.json:
+        print(json.dumps(e, indent=2))
+    else:
+        print(f"shipped {e['env']}-{e['part']}: {e['checkpoint']} ({e['env_steps']} env steps), sampled return "
+              f"{e['stochastic_return_mean']:.1f} ± {e['stochastic_return_std']:.1f} (normalized "
+              f"{e['stochastic_normalized_score']:.1f}), deterministic {e['return_mean']:.1f} ± {e['return_std']:.1f}")
     return 0
 
 

@@ -51,10 +51,14 @@ def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> s
 
 
 def run_tags(cfg: ExperimentConfig, env_key: str) -> dict[str, str]:
+    from dromo_ray.core.envs import get_env_spec
+
     return {
         "algorithm": cfg.agent.algorithm,
         "dataset": Path(cfg.data.dataset).stem if cfg.data.dataset.endswith(".hdf5") else cfg.data.dataset,
         "env": env_key,
+        # The MDP evaluations run in (walker2d: the v2-v4 foot friction, see EnvSpec.xml_file).
+        "env_model": get_env_spec(env_key).model,
         "seed": str(cfg.seed),
     }
 

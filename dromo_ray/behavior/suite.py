@@ -203,10 +203,39 @@ def _minari_dromo_metadata(directory: Path) -> dict[str, Any]:
         return {}
 
 
-def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.PathLike, seed: int = 0,
+def shipped_index(env: str, directory: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The shipped policies of ``env`` as a behaviour index (medium, and expert when shipped) and the parts that
+    cannot be made from them (expert and medium-expert while no expert is shipped)."""
+    from dromo_ray.data import shipped
+
+    entries = shipped.manifest(directory)["policies"]
+    ckpts, missing = [], []
+    for part in ("medium", "expert"):
+        if shipped.key(env, part) not in entries:
+            missing.append(part)
+            continue
+        e = shipped.shipped_policy(env, part, directory)
+        digest = hashlib.sha256(Path(e["path"]).read_bytes()).hexdigest()[:12]
+        ckpts.append({"name": f"shipped:{env}-{part}@{digest}", "policy": e["path"], "env_steps": e["env_steps"],
+                      "replay_rows": e.get("replay_rows", 0), "part": part,
+                      **{k: e[k] for k in ("return_mean", "normalized_score", "stochastic_return_mean",
+                                           "stochastic_normalized_score")}})
+    if "medium" in missing:
+        shipped.shipped_policy(env, "medium", directory)  # raises the one-line "nothing shipped" error
+    index = {"format": "shipped", "env": env, "seed": entries[shipped.key(env, "medium")]["seed"],
+             "env_steps": max(c["env_steps"] for c in ckpts), "checkpoints": ckpts, "complete": True,
+             "final": ckpts[-1]["name"], "shipped": True}
+    unavailable = ["expert", "medium-expert"] if "expert" in missing else []
+    return index, unavailable
+
+
+def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.PathLike | None = None,
+               seed: int = 0,
                parts: tuple[str, ...] = PARTS, deterministic: bool = False, minari: bool = True,
-               progress: bool = True, log: Any = None, expert_rule: str = "final") -> dict[str, Any]:
-    """Make (or finish making) the suite; returns the manifest also written to ``out/suite.json``."""
+               progress: bool = True, log: Any = None, expert_rule: str = "final",
+               shipped_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Make (or finish making) the suite; returns the manifest also written to ``out/suite.json``. Without
+    ``policies`` the suite comes from the shipped policies (``shipped_dir``, default the package's)."""
     from tqdm.auto import tqdm
 
     from dromo_ray.behavior.train import load_index, versions
@@ -221,15 +250,31 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise DatasetError(str(out), f"unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
-    policies = Path(policies)
     out = Path(out)
-    index = load_index(policies)
+    unavailable: list[str] = []
+    if policies is None:  # the policies shipped with the package
+        index, unavailable = shipped_index(spec.key, shipped_dir)
+        policies = Path("/")  # shipped checkpoint paths are absolute
+        asked = [p for p in parts if p in unavailable]
+        if asked and tuple(parts) != PARTS:
+            raise DatasetError(str(out), f"{', '.join(asked)}: no shipped {spec.key} expert policy yet; pass "
+                               "--policies with a behaviour run that has one")
+        parts = tuple(p for p in parts if p not in unavailable)
+    else:
+        policies = Path(policies)
+        index = load_index(policies)
     if index["env"] != spec.key:
         raise DatasetError(str(policies / "index.json"), f"behaviour run is for {index['env']}, not {spec.key}",
                            "env")
     if expert_rule not in ("final", "best"):
         raise DatasetError(str(out), f"expert rule must be 'final' or 'best', got {expert_rule!r}")
-    sel = select_checkpoints(index, deterministic, expert_rule)
+    if index.get("shipped"):
+        by_part = {c["part"]: c for c in index["checkpoints"]}
+        key = "return_mean" if deterministic else "stochastic_return_mean"
+        sel = Selection(medium=by_part["medium"], expert=by_part.get("expert", by_part["medium"]), return_key=key,
+                        target_return=float(by_part["medium"][key]))
+    else:
+        sel = select_checkpoints(index, deterministic, expert_rule)
     fingerprint = _fingerprint(spec.key, size, seed, deterministic, index, sel)
     vers = versions()
     sampling = "deterministic" if deterministic else "stochastic"
@@ -261,7 +306,8 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
     common = {"suite": f"dromo_ray D4RL-v2-style suite on {spec.gym_id}", "suite_fingerprint": fingerprint,
               "suite_size": size, "suite_seed": seed, "sampling": sampling, "expert_rule": expert_rule,
               "behavior_run_seed": int(index.get("seed", 0)), "behavior_run_env_steps": int(index.get("env_steps", 0)),
-              "behavior_algorithm": "rllib_sac", **{f"{k}_version": v for k, v in vers.items()}}
+              "behavior_algorithm": index.get("algorithm", "dromo_ray_sac" if index.get("shipped") else "rllib_sac"),
+              **{f"{k}_version": v for k, v in vers.items()}}
 
     def collect(part: str, ckpt: dict[str, Any] | None) -> Any:
         part_seed = seed + PARTS.index(part)
@@ -283,6 +329,12 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
             return collect(part, sel.medium)
         if part == "expert":
             return collect(part, sel.expert)
+        if part == "medium-replay" and index.get("shipped"):
+            from dromo_ray.data.shipped import medium_replay
+
+            ds = medium_replay(spec.key, shipped_dir)  # regenerated from the shipped actions, checked bitwise
+            return ds, {"replay_rows": len(ds), "replay_log": "shipped actions (regenerated)",
+                        **policy_meta("policy", sel.medium)}
         if part == "medium-replay":
             rows = int(sel.medium["replay_rows"])
             log_ds = read_d4rl(policies / index.get("replay_log", "replay.hdf5"), env=spec.key)
@@ -359,6 +411,10 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
                 f"{_fmt(entry['return_mean'])}  normalized {_fmt(entry['normalized_score'])}")
     bar.close()
     manifest["wall_s"] = round(time.perf_counter() - t_all, 2)
+    if unavailable:
+        manifest["unavailable"] = {p: f"no shipped {spec.key} expert policy yet" for p in unavailable}
+        if log is not None:
+            log(f"not made: {', '.join(unavailable)} (no shipped {spec.key} expert policy yet)")
     return manifest
 
 
@@ -368,8 +424,9 @@ def _fmt(v: float | None) -> str:
 
 def summary_table(manifest: dict[str, Any]) -> str:
     sel = manifest["selection"]
+    expert = "not shipped" if "expert" in manifest.get("unavailable", {}) else sel["expert"]
     lines = [f"{manifest['gym_id']} suite ({manifest['sampling']} policies; medium = {sel['medium']}, "
-             f"expert = {sel['expert']}, target return {sel['target_return']:.1f})",
+             f"expert = {expert}, target return {sel['target_return']:.1f})",
              f"{'part':<14} {'transitions':>11} {'episodes':>9} {'return':>9} {'normalized':>11}"]
     for part in PARTS:
         e = manifest["parts"].get(part)
@@ -387,7 +444,7 @@ def run_suite(args: argparse.Namespace) -> int:
     parts = PARTS if args.parts in ("", "all") else tuple(p.strip() for p in args.parts.split(",") if p.strip())
     progress = sys.stderr.isatty() and not args.json
     manifest = make_suite(
-        args.env, args.size, args.out or f"suite_{args.env}", args.policies or f"behavior_{args.env}",
+        args.env, args.size, args.out or f"suite_{args.env}", args.policies or None,
         seed=args.seed, parts=parts, deterministic=args.deterministic, minari=not args.no_minari,
         progress=progress, log=None if args.json else (lambda s: print(s, flush=True)), expert_rule=args.expert,
     )

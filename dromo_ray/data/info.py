@@ -35,6 +35,16 @@ def dataset_info(ds: OfflineDataset) -> dict[str, Any]:
         "obs_dim": ds.obs_dim,
         "act_dim": ds.act_dim,
     }
+    # The behaviour policy's own evaluated figures, where the file records them (suite parts do).
+    meta = ds.metadata
+    for prefix in ("policy", "medium_policy", "expert_policy"):
+        if f"{prefix}_stochastic_return_mean" in meta:
+            info[f"behavior_{prefix}_checkpoint"] = str(meta.get(f"{prefix}_checkpoint", ""))
+            info[f"behavior_{prefix}_return_sampled"] = float(meta[f"{prefix}_stochastic_return_mean"])
+            info[f"behavior_{prefix}_normalized_sampled"] = float(meta[f"{prefix}_stochastic_normalized_score"])
+    for k in ("suite_part", "env_model", "behavior_algorithm"):
+        if k in meta:
+            info[k] = str(meta[k])
     if "dropped_rows" in ds.metadata:
         info["dropped_rows"] = int(ds.metadata["dropped_rows"])
     return info

@@ -186,13 +186,17 @@ class OnlineSAC:
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
-    def resume(cls, out: str | os.PathLike, steps: int | None = None, **kw: Any) -> OnlineSAC:
+    def resume(cls, out: str | os.PathLike, steps: int | None = None, time_limit_s: float = 0.0,
+               **kw: Any) -> OnlineSAC:
+        """The run in ``out`` at its last checkpoint; ``steps`` a new total, ``time_limit_s`` this sitting's limit
+        (a time limit is never inherited from the sitting that stopped)."""
         out = Path(out)
         cfg_path = out / "config.json"
         if not cfg_path.exists() or not (out / "state" / "state.pt").exists():
             raise DatasetError(str(out), "no resumable online SAC run here (config.json and state/state.pt)")
         cfg = OnlineSACConfig.from_json(json.loads(cfg_path.read_text()))
         cfg.out = str(out)
+        cfg.time_limit_s = float(time_limit_s)
         if steps is not None:
             cfg.steps = int(steps)
         self = cls(cfg, **kw)
