@@ -68,23 +68,30 @@ def test_signals_match_hand_computation():
     m = random_model(1)
     m.var_scale.copy_(torch.linspace(0.5, 2.0, OBS + 1))
     obs, act = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1
-    env = ModelEnv(m, halfcheetah_termination, penalty="entropy")
-    st = env.step(obs, act, torch.Generator().manual_seed(0))
     with torch.no_grad():
         mean, logvar = m(obs, act)  # all members, unnormalised, no var_scale
     var = (logvar.exp() * m.var_scale).double().numpy()
     mean = mean.double().numpy()
-    rows = np.arange(64)
-    v_sel = var[st.member.numpy(), rows]
-    entropy = (0.5 * (1.0 + np.log(2.0 * math.pi * v_sel))).sum(-1)
-    np.testing.assert_allclose(st.signals["entropy"].numpy(), entropy, rtol=1e-4)
-    np.testing.assert_allclose(st.unc.numpy(), entropy, rtol=1e-4)
+    s = m.out_std.double().numpy()
     elites = [3, 1]
-    aleatoric = np.linalg.norm(np.sqrt(var[elites]), axis=-1).max(0)
-    np.testing.assert_allclose(st.signals["max_aleatoric"].numpy(), aleatoric, rtol=1e-4)
-    mu = mean[elites]
-    disagreement = np.linalg.norm(mu - mu.mean(0), axis=-1).max(0)
-    np.testing.assert_allclose(st.signals["disagreement"].numpy(), disagreement, rtol=1e-4, atol=1e-6)
+    # entropy: per-dimension entropy of the elite mixture's variance, in output space normalised by out_std
+    mu_n, var_n = mean[elites] / s, var[elites] / s**2
+    mix = var_n.mean(0) + mu_n.var(0)
+    entropy = (0.5 * (1.0 + np.log(2.0 * math.pi * mix))).mean(-1)
+    for all_members, members in ((True, [0, 1, 2, 3, 4]), (False, elites)):
+        env = ModelEnv(m, halfcheetah_termination, penalty="entropy", all_members=all_members)
+        st = env.step(obs, act, torch.Generator().manual_seed(0))
+        np.testing.assert_allclose(st.signals["entropy"].numpy(), entropy, rtol=1e-4)
+        np.testing.assert_allclose(st.unc.numpy(), entropy, rtol=1e-4)  # no reference: unc = H
+        aleatoric = np.linalg.norm(np.sqrt(var[members]), axis=-1).max(0)
+        np.testing.assert_allclose(st.signals["max_aleatoric"].numpy(), aleatoric, rtol=1e-4)
+        mu = mean[members]
+        disagreement = np.linalg.norm(mu - mu.mean(0), axis=-1).max(0)
+        np.testing.assert_allclose(st.signals["disagreement"].numpy(), disagreement, rtol=1e-4, atol=1e-6)
+    # with a reference the entropy penalty is the excess max(0, H - H_ref)
+    ref = float(np.median(entropy))
+    st = ModelEnv(m, halfcheetah_termination, penalty="entropy", entropy_ref=ref).step(obs, act)
+    np.testing.assert_allclose(st.unc.numpy(), np.maximum(entropy - ref, 0.0), rtol=1e-4, atol=1e-6)
 
 
 def test_deterministic_returns_member_mean_and_noise_has_model_variance():

@@ -38,36 +38,67 @@ class DataConfig:
             raise ConfigError(f"data.env: unknown environment {self.env!r} (hopper, halfcheetah, walker2d)")
 
 
+MBPO_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+"""MBPO/MOPO's L2 decay of the input layer, the three hidden-to-hidden layers and the output layer of the 4 x 200
+ensemble (MOPO mopo/models/constructor.py; OfflineRL-Kit run_example/run_mopo.py ``--dynamics-weight-decay``)."""
+
+
+def mbpo_weight_decays(num_hidden: int) -> tuple[float, ...]:
+    """MBPO's schedule for ``num_hidden`` hidden layers (``num_hidden + 1`` linear layers): 2.5e-5 on the input
+    layer, 5e-5 on the first hidden-to-hidden layer, 7.5e-5 on the others, 1e-4 on the output layer. For 4 hidden
+    layers this is :data:`MBPO_WEIGHT_DECAY` exactly; other depths keep its first, second and last values."""
+    middle = [5e-5] + [7.5e-5] * (num_hidden - 2) if num_hidden >= 2 else []
+    return (2.5e-5, *middle, 1e-4)
+
+
 @dataclass
 class DynamicsConfig:
+    """The ensemble. Defaults are MBPO/MOPO's (MOPO's mopo/models/constructor.py and bnn.py, the same values in
+    OfflineRL-Kit's run_example/run_mopo.py and offlinerlkit/dynamics/ensemble_dynamics.py)."""
+
     ensemble_size: int = 7
-    """Number of Gaussian members trained (Alg. 1 line 1)."""
+    """Number of Gaussian members trained (Alg. 1 line 1); MOPO ``num_networks: 7``."""
     num_elites: int = 5
-    """Members with the lowest holdout error used for rollouts."""
+    """Members with the lowest holdout error used for rollouts; MOPO ``num_elites: 5``."""
     hidden_dims: tuple[int, ...] = (200, 200, 200, 200)
-    """Hidden layer widths of every member."""
+    """Hidden layer widths of every member; MOPO 4 x 200 swish (= SiLU)."""
     learning_rate: float = 1e-3
-    """Adam learning rate."""
-    weight_decay: float = 5e-5
-    """L2 weight decay on every layer (added to the loss, as in MBPO/MOPO)."""
+    """Adam learning rate; MOPO 1e-3."""
+    weight_decay: float | tuple[float, ...] | None = None
+    """L2 decay ``0.5 wd ||W||^2`` per linear layer (input layer first, output layer last): one value for every
+    layer, ``len(hidden_dims) + 1`` values, or None (default): MBPO/MOPO's per-layer decay
+    (:func:`mbpo_weight_decays`; 2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4 for the 4 x 200 net)."""
     batch_size: int = 256
-    """Rows per member per gradient step."""
-    holdout_ratio: float = 0.1
-    """Fraction of D kept out for early stopping and elite selection (at most ``max_holdout`` rows)."""
-    max_holdout: int = 5000
-    """Cap on the holdout rows."""
+    """Rows per member per gradient step; MOPO 256."""
+    holdout_ratio: float = 0.2
+    """Fraction of D kept out for early stopping and elite selection (at most ``max_holdout`` rows); MOPO
+    ``holdout_ratio=0.2``."""
+    max_holdout: int = 1000
+    """Cap on the holdout rows; MOPO ``max_logging=1000``, OfflineRL-Kit ``min(0.2 N, 1000)``."""
     max_epochs: int = 0
     """Hard cap on training epochs; 0 means train until early stopping."""
     max_epochs_since_update: int = 5
-    """Stop after this many epochs without a 1% holdout improvement of any member."""
+    """Stop after this many epochs without a 1% holdout improvement of any member; MOPO/OfflineRL-Kit 5."""
     logvar_loss_coef: float = 0.01
-    """Weight of the soft log-variance bound regulariser (max_logvar - min_logvar)."""
-    bootstrap: bool = False
-    """Train each member on its own bootstrap resample of D."""
-    recalibrate: bool = True
-    """Fit a per-dimension variance scale on holdout (appendix A) and report calibration before/after."""
+    """Weight of the soft log-variance bound regulariser (max_logvar - min_logvar); MOPO 0.01."""
+    bootstrap: bool = True
+    """Train each member on its own bootstrap resample of D (MOPO bnn.py and OfflineRL-Kit: one
+    ``randint(N, size=[E, N])`` index set per member)."""
+    recalibrate: bool = False
+    """Apply the per-dimension variance scale fitted on holdout (appendix A) to rollout noise and to every
+    uncertainty signal. Off by default: MBPO/MOPO sample from the raw model and MOPO's lambda was tuned on the raw
+    sigma. The calibration error is measured and logged either way (``dynamics/calibration_error_*``)."""
     num_trainers: int = 1
     """Ray actors that train members in parallel (members are split among them, then merged)."""
+
+    def layer_weight_decays(self) -> tuple[float, ...]:
+        """The decay of every linear layer, input layer first: ``len(hidden_dims) + 1`` values."""
+        wd = self.weight_decay
+        if wd is None:
+            return mbpo_weight_decays(len(self.hidden_dims))
+        if isinstance(wd, (int, float)):
+            return (float(wd),) * (len(self.hidden_dims) + 1)
+        return tuple(float(v) for v in wd)
 
     def validate(self) -> None:
         _positive(self, "dynamics", "ensemble_size", "num_elites", "batch_size", "max_holdout",
@@ -80,8 +111,15 @@ class DynamicsConfig:
             raise ConfigError("dynamics.hidden_dims: must be a non-empty list of positive widths")
         if not 0.0 < self.holdout_ratio < 1.0:
             raise ConfigError("dynamics.holdout_ratio: must be in (0, 1)")
-        if self.learning_rate <= 0 or self.weight_decay < 0 or self.logvar_loss_coef < 0 or self.max_epochs < 0:
-            raise ConfigError("dynamics: learning_rate must be > 0; weight_decay, logvar_loss_coef, max_epochs >= 0")
+        if self.learning_rate <= 0 or self.logvar_loss_coef < 0 or self.max_epochs < 0:
+            raise ConfigError("dynamics: learning_rate must be > 0; logvar_loss_coef, max_epochs >= 0")
+        layers = len(self.hidden_dims) + 1
+        if isinstance(self.weight_decay, tuple) and len(self.weight_decay) != layers:
+            raise ConfigError(
+                f"dynamics.weight_decay: {len(self.weight_decay)} values for a net of {layers} linear layers "
+                f"(hidden_dims {list(self.hidden_dims)} + output); give {layers} values or one for every layer")
+        if any(v < 0 for v in self.layer_weight_decays()):
+            raise ConfigError(f"dynamics.weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -126,10 +164,18 @@ class AgentConfig:
     mopo_lambda: float = 1.0
     """MOPO reward penalty weight (fixed for mopo; initial value for mopo_auto)."""
     mopo_uncertainty: str = "max_aleatoric"
-    """u(s,a): ``max_aleatoric``, ``disagreement`` or ``entropy`` (appendix B); mopo_auto uses entropy."""
-    mopo_target_entropy: float = 0.0
-    """delta of appendix B Eq. 30, in nats: the allowed Gaussian entropy of a model prediction, summed over the
-    output dimensions (the model env's ``entropy`` signal, sum_d 1/2 (1 + log 2 pi sigma_d^2))."""
+    """u(s,a): ``max_aleatoric``, ``disagreement`` or ``entropy`` (appendix B); mopo_auto uses entropy. See
+    :mod:`dromo_ray.core.model_env` for each signal."""
+    mopo_entropy_quantile: float = 0.9
+    """q: with the ``entropy`` signal, u(s, a) = max(0, H(s, a) - H_ref), the excess of the per-dimension entropy of
+    the model's prediction over H_ref = the q-quantile of H over the dataset under the trained model."""
+    mopo_entropy_ref: float | None = None
+    """H_ref in nats per output dimension (normalised output space); None: the ``mopo_entropy_quantile`` of H over D,
+    computed once after the ensemble is trained."""
+    mopo_target_entropy: float | None = None
+    """delta of appendix B Eq. 28-30, in the units of u (nats per output dimension above H_ref); None: E_D[u], the
+    dataset's own mean excess under the trained model (rollouts may be as uncertain as the data, no more), computed
+    once after the ensemble is trained."""
     mopo_lambda_lr: float = 1e-3
     """Step size of the dual update of lambda (Eq. 28-30)."""
     max_grad_norm: float = 0.0
@@ -148,6 +194,10 @@ class AgentConfig:
                 raise ConfigError(f"agent.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.gamma >= 1.0:
             raise ConfigError("agent.gamma: must be < 1")
+        if not 0.0 <= self.mopo_entropy_quantile <= 1.0:
+            raise ConfigError(f"agent.mopo_entropy_quantile: must be in [0, 1], got {self.mopo_entropy_quantile}")
+        if self.mopo_target_entropy is not None and self.mopo_target_entropy < 0:
+            raise ConfigError(f"agent.mopo_target_entropy: must be >= 0 (u >= 0), got {self.mopo_target_entropy}")
         for name in ("alpha", "beta", "mopo_lambda", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"agent.{name}: must be >= 0, got {getattr(self, name)}")

@@ -16,12 +16,14 @@ in :meth:`predict` only; the training loss never sees it.
 
 Training (:class:`DynamicsTrainer`), as in MBPO/MOPO: loss = sum over members of the mean (over rows and
 dims) of the Gaussian NLL ``(mu - y)^2 exp(-logvar) + logvar`` (the constant and the 1/2 dropped, as
-MBPO), plus ``logvar_loss_coef * (sum max_logvar - sum min_logvar)``, plus L2 weight decay on every layer's
-weight matrix. The decay is applied through Adam's ``weight_decay`` (gradient ``wd * w``), which is exactly
-the gradient of MBPO's ``0.5 * wd * sum(w^2)`` loss term, at no extra cost per step. Each member draws its
-own shuffled minibatch every step (an (E, B) index tensor, gathered in one op), optionally from its own
-bootstrap resample. Early stopping and elite selection use the holdout MSE of the mean in *normalised*
-target space (scale-free across state and reward dims).
+MBPO), plus ``logvar_loss_coef * (sum max_logvar - sum min_logvar)``, plus L2 weight decay on each layer's
+weight matrix with that layer's coefficient (``DynamicsConfig.layer_weight_decays``: MBPO/MOPO's 2.5e-5, 5e-5,
+7.5e-5, 7.5e-5, 1e-4 from the input layer to the output layer by default). The decay is applied through
+Adam's ``weight_decay``, one parameter group per layer (gradient ``wd_l * w``), which is exactly the gradient
+of MBPO's ``0.5 * wd_l * sum(w^2)`` loss term, at no extra cost per step. Each member draws its own shuffled
+minibatch every step (an (E, B) index tensor, gathered in one op), from its own bootstrap resample of the
+training rows by default (``bootstrap``, as MBPO/MOPO). Early stopping and elite selection use the holdout
+MSE of the mean in *normalised* target space (scale-free across state and reward dims).
 
 Parallel training across processes: split the rows once (:func:`holdout_split`), fit the normaliser once
 (:func:`normalizer_stats`), give every process the same split and stats and a *different* init generator,
@@ -277,9 +279,13 @@ class DynamicsTrainer:
         self.device = next(model.parameters()).device
         self.generator = generator if generator is not None else torch.Generator(self.device).manual_seed(0)
         weights = [layer.weight for layer in model.linear_layers()]
+        decays = self.cfg.layer_weight_decays()
+        assert len(decays) == len(weights), (
+            f"DynamicsTrainer: dynamics.weight_decay gives {len(decays)} values for a net of {len(weights)} linear "
+            f"layers; give {len(weights)} values (input layer first) or one for every layer")
         others = [p for p in model.parameters() if all(p is not w for w in weights)]
-        groups = [{"params": weights, "weight_decay": self.cfg.weight_decay},
-                  {"params": others, "weight_decay": 0.0}]
+        groups = [{"params": [w], "weight_decay": wd} for w, wd in zip(weights, decays, strict=True)]
+        groups.append({"params": others, "weight_decay": 0.0})
         opt_kw = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
         self.optimizer = torch.optim.Adam(groups, lr=self.cfg.learning_rate, **opt_kw)
         self.holdout_losses = np.full(model.num_members, np.inf)

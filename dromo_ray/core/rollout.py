@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dromo_ray.core.model_env import ModelEnv
+from dromo_ray.core.model_env import ModelEnv, model_blowup
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.types import NumpyBatch
 
@@ -22,7 +22,9 @@ def rollout(model_env: ModelEnv, actor: TanhGaussianActor, start_obs: torch.Tens
             deterministic_model: bool = False, chunk_size: int | None = None) -> NumpyBatch:
     """Roll the target policy ``actor`` (pi_theta') out for ``horizon`` steps from ``start_obs`` (K, D_o).
 
-    A row that terminates stores its terminal transition (done = 1) and is not rolled out further. Returns
+    A row that terminates stores its terminal transition (done = 1) and is not rolled out further; a model
+    blow-up (:func:`dromo_ray.core.model_env.model_blowup`, any |s'_i| >= 100) counts as a termination in
+    every env (the model env's ``done``). Returns
     every transition as float32 numpy arrays: obs (N, D_o), act (N, D_a), rew (N,), next_obs (N, D_o),
     done (N,) 0/1, unc (N,) the model env's selected signal.
 
@@ -77,12 +79,15 @@ def _unpack(chunks: list[torch.Tensor], d_o: int, d_a: int) -> NumpyBatch:
 
 
 def rollout_stats(batch: NumpyBatch, num_starts: int) -> dict[str, float]:
-    """Summary of one rollout round: mean reward, fraction of the ``num_starts`` rows that terminated,
-    mean uncertainty, number of transitions."""
+    """Summary of one rollout round: mean reward, fraction of the ``num_starts`` rows that terminated (the
+    task's rule or a model blow-up) and that were stopped by the blow-up rule, mean uncertainty, number of
+    transitions."""
     n = batch.size
+    starts = max(int(num_starts), 1)
     return {
         "rollout/mean_reward": float(batch.rew.mean()) if n else 0.0,
-        "rollout/frac_terminated": float(batch.done.sum()) / max(int(num_starts), 1),
+        "rollout/frac_terminated": float(batch.done.sum()) / starts,
+        "rollout/frac_blown_up": float(model_blowup(batch.next_obs).sum()) / starts,
         "rollout/mean_unc": float(batch.unc.mean()) if n else 0.0,
         "rollout/transitions": float(n),
     }

@@ -145,7 +145,12 @@ class RolloutWorker:
         spec = get_env_spec(env_key)
         self.index, self.cfg = worker_index, cfg
         model = dynamics_from_state(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics)
-        self.model_env = ModelEnv(model.eval(), spec.termination_fn, penalty=_penalty_kind(cfg.agent))
+        penalty = _penalty_kind(cfg.agent)
+        assert penalty != "entropy" or cfg.agent.mopo_entropy_ref is not None, (
+            "RolloutWorker: the entropy penalty needs agent.mopo_entropy_ref (the driver sets it from D)")
+        # MOPO's max over members runs over all of them; other algorithms only log the signal (elites: cheaper).
+        self.model_env = ModelEnv(model.eval(), spec.termination_fn, penalty=penalty,
+                                  all_members=cfg.agent.algorithm == "mopo", entropy_ref=cfg.agent.mopo_entropy_ref)
         self.start_obs = torch.as_tensor(np.asarray(dataset.observations, dtype=np.float32))
         self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, cfg.agent.hidden_dims)
         self.actor.load_state_dict(policy_state)

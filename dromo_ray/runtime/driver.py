@@ -136,6 +136,28 @@ def _behavior_steps(cfg: ExperimentConfig, n: int) -> int:
     return int(min(20_000, max(500, 20 * n // 256)))
 
 
+def with_entropy_reference(cfg: ExperimentConfig, stage: dict[str, Any], dataset: Any,
+                           env_key: str) -> ExperimentConfig:
+    """The ``entropy`` penalty's H_ref and delta (appendix B) from D under the trained ensemble, once, before any
+    rollout; a copy of ``cfg`` with them filled in (values the config gives are kept). A resumed run recomputes
+    them from the checkpoint's ensemble and the same rows, so they come out the same."""
+    agent = cfg.agent
+    if A._penalty_kind(agent) != "entropy" or None not in (agent.mopo_entropy_ref, agent.mopo_target_entropy):
+        return cfg
+    import dataclasses
+
+    from dromo_ray.core.model_env import entropy_reference
+
+    spec = get_env_spec(env_key)
+    model = A.dynamics_from_state(stage["dynamics"], spec.obs_dim, spec.act_dim, cfg.dynamics)
+    ref = entropy_reference(model, dataset.observations, dataset.actions, agent.mopo_entropy_quantile,
+                            generator=torch.Generator().manual_seed(cfg.seed + 5), entropy_ref=agent.mopo_entropy_ref)
+    target = ref.target if agent.mopo_target_entropy is None else agent.mopo_target_entropy
+    stage["metrics"].update({"dynamics/entropy_ref": ref.entropy_ref, "dynamics/entropy_target": target})
+    new_agent = dataclasses.replace(agent, mopo_entropy_ref=ref.entropy_ref, mopo_target_entropy=target)
+    return dataclasses.replace(cfg, agent=new_agent)
+
+
 def build_density_state(cfg: ExperimentConfig, dataset: Any) -> dict[str, Any] | None:
     if cfg.agent.algorithm != "dromo" or cfg.agent.effective_alpha() == 0:
         return None
@@ -169,6 +191,8 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     else:
         stage = train_dynamics_stage(cfg, dataset_ref, dataset, env_key, rng)
         density_state = build_density_state(cfg, dataset)
+    cfg = with_entropy_reference(cfg, stage, dataset, env_key)
+    if ckpt is None:
         reporter(stage["metrics"], 0)
 
     rt = cfg.runtime

@@ -97,6 +97,9 @@ def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | to
         return SACAgent(cfg, obs_dim, act_dim, losses_cls=MopoLosses, penalty=FixedPenalty(cfg.mopo_lambda, dev),
                         **common)
     if algo == "mopo_auto":
+        if cfg.mopo_target_entropy is None:
+            raise ValueError("make_agent: mopo_auto needs delta (agent.mopo_target_entropy); the run's driver sets it "
+                             "from D once the ensemble is trained (dromo_ray.core.model_env.entropy_reference)")
         penalty = DualPenalty(cfg.mopo_lambda, cfg.mopo_target_entropy, cfg.mopo_lambda_lr, dev)
         return SACAgent(cfg, obs_dim, act_dim, losses_cls=MopoAutoLosses, penalty=penalty, **common)
     return SACAgent(cfg, obs_dim, act_dim, losses_cls=MbpoLosses, **common)

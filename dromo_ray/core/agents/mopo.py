@@ -1,9 +1,11 @@
 """MOPO's reward penalty r̄ = r̂ - λ u(s, a) on the model rows, with λ fixed (MOPO) or learned (appendix B.1).
 
 u(s, a) arrives with the batch (``Batch.unc``), computed by the model env from the dynamics ensemble
-(``AgentConfig.mopo_uncertainty``). For ``mopo_auto`` it must be the entropy signal of appendix B.1,
-u = ½(1 + log 2πσ²), in the units of δ = ``mopo_target_entropy`` (nats per output dimension).
-Dataset rows are never penalised (their u is 0 by the ``Batch`` contract; we do not even look at it).
+(``AgentConfig.mopo_uncertainty``). For ``mopo_auto`` it is the ``entropy`` signal of
+:mod:`dromo_ray.core.model_env`: u = max(0, H - H_ref) >= 0, the excess of the per-dimension entropy H of the
+model's prediction (normalised output space) over its q-quantile on D, so that -λu is never a bonus; δ =
+``mopo_target_entropy`` is in the same units (by default E_D[u], set by the driver from D after the ensemble is
+trained). Dataset rows are never penalised (their u is 0 by the ``Batch`` contract; we do not even look at it).
 """
 
 from __future__ import annotations
