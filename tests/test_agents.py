@@ -28,6 +28,13 @@ VARIANTS = {
     "dromo-strict-expectation": dict(algorithm="dromo", variance_form="strict", conservative_form="expectation"),
     "combo-logsumexp": dict(algorithm="combo", conservative_form="logsumexp"),
     "combo-expectation": dict(algorithm="combo", conservative_form="expectation"),
+    # published COMBO's switches: deterministic backup, mixed push-down states, cosine actor lr (T = 6 updates, so
+    # the round trip below resumes mid-schedule and the loss-falls check runs past T)
+    "combo-published": dict(algorithm="combo", deterministic_backup=True, conservative_states="mixed",
+                            actor_lr_schedule="cosine", actor_lr_schedule_steps=6),
+    "dromo-deterministic-mixed-cosine": dict(algorithm="dromo", density="kde", deterministic_backup=True,
+                                             conservative_states="mixed", conservative_form="expectation",
+                                             actor_lr_schedule="cosine", actor_lr_schedule_steps=50),
     "mbpo": dict(algorithm="mbpo"),
     "mbpo-clip-fixed-temperature": dict(algorithm="mbpo", max_grad_norm=1.0, auto_entropy=False),
     "mopo": dict(algorithm="mopo", mopo_lambda=0.5),

@@ -129,6 +129,14 @@ class AgentConfig:
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Hidden widths of the actor and of each critic."""
     actor_lr: float = 1e-4
+    """Adam learning rate of the actor (the start value when ``actor_lr_schedule`` is ``cosine``)."""
+    actor_lr_schedule: str = "constant"
+    """``constant``, or ``cosine``: lr(t) = actor_lr * (1 + cos(pi * min(t, T) / T)) / 2 at learner update t, from
+    actor_lr at t = 0 to 0 at t = T (torch's CosineAnnealingLR with eta_min = 0, as OfflineRL-Kit's COMBO
+    reproduction anneals its actor, run_example/run_combo.py; it steps once per 1000-update epoch, we step every
+    update: the two differ by at most pi / 2000 of actor_lr)."""
+    actor_lr_schedule_steps: int = 0
+    """T of the cosine schedule in learner updates; 0 means the run's ``train.total_steps``."""
     critic_lr: float = 3e-4
     entropy_lr: float = 1e-4
     """Learning rate of the SAC entropy temperature (R(pi) of Eq. 14)."""
@@ -143,16 +151,32 @@ class AgentConfig:
     init_entropy_coef: float = 1.0
     target_entropy: float | None = None
     """Defaults to -|A|."""
+    deterministic_backup: bool = False
+    """Bellman target without the entropy term, r + gamma (1 - d) min_j Q'_j(s', a'), a' ~ pi(.|s'): Eq. 6/7 as
+    written, and what CQL's and OfflineRL-Kit's COMBO code use by default (``deterministic_backup=True``). False
+    (the default, SAC's and so MBPO's/MOPO's form): the soft backup, minus c log pi(a'|s') inside the target."""
     alpha: float = 1.0
-    """DROMO variance-penalty weight (Eq. 13 second term). Forced to 0 for combo/mbpo/mopo."""
+    """DROMO variance-penalty weight (Eq. 13 second term), per unit of RELATIVE state density: the term is
+    alpha E_s sqrt(Var_{pi^f} Q(s, .) / (|D(s)| / N_ref)), N_ref the estimator's mean count over dataset states
+    (see ``density.py``), i.e. Eq. 13's weight is alpha sqrt(N_ref). alpha = 1 penalises Q by one standard
+    deviation over pi^f at a state of average dataset density, whichever estimator. Forced to 0 for
+    combo/mbpo/mopo."""
     beta: float = 1.0
-    """Conservative weight (Eq. 13 third term). Forced to 0 for mbpo/mopo."""
+    """Conservative weight (Eq. 13 third term) against the Bellman term 1/2 MSE of Eq. 13. Published COMBO values
+    were tuned with a plain-MSE Bellman term (CQL's and OfflineRL-Kit's code), so beta here = beta_published / 2
+    gives the same ratio of conservative to Bellman gradient. Forced to 0 for mbpo/mopo."""
+    conservative_states: str = "model"
+    """States whose Q is pushed down by the conservative term: ``model`` (the D_model rows of the batch:
+    rho = d^pi_M_hat(s) pi(a|s) of Eq. 8 (COMBO) and Eq. 13) or ``mixed`` (every row of the d_f batch, D and
+    D_model: OfflineRL-Kit's COMBO default, ``--rho-s mix``). The push-up term is always over the D rows."""
     num_actions: int = 10
     """M: actions sampled per state for Var_{pi^f} Q and for the log-sum-exp conservative form."""
     variance_form: str = "action"
-    """``action``: Eq. 13, variance over pi^f per state; ``strict``: Eq. 17, variance across the batch."""
+    """``action``: Eq. 13, variance over pi^f per state (DROMO). ``strict``: Eq. 17, variance of Q ACROSS the
+    batch, an ABLATION only: the paper introduces it for the linear/NTK analysis (section 4.2-4.3), and it pulls
+    the Q-values of different states together rather than penalising uncertainty at a state."""
     density: str = "kde"
-    """|D| d^{pi^beta}(s) estimator: ``constant`` (every state counts |D|) or ``kde``."""
+    """|D(s)| estimator: ``constant`` (every state counts |D|; relative density 1) or ``kde``."""
     kde_bandwidth: float = 1.0
     """Gaussian kernel bandwidth in normalised-state units."""
     kde_subsample: int = 2048
@@ -204,6 +228,11 @@ class AgentConfig:
         _choice(self, "agent", "variance_form", ("action", "strict"))
         _choice(self, "agent", "density", ("constant", "kde"))
         _choice(self, "agent", "conservative_form", ("expectation", "logsumexp"))
+        _choice(self, "agent", "conservative_states", ("model", "mixed"))
+        _choice(self, "agent", "actor_lr_schedule", ("constant", "cosine"))
+        if self.actor_lr_schedule_steps < 0:
+            raise ConfigError(f"agent.actor_lr_schedule_steps: must be >= 0 (0 = train.total_steps), "
+                              f"got {self.actor_lr_schedule_steps}")
         _choice(self, "agent", "mopo_uncertainty", ("max_aleatoric", "disagreement", "entropy"))
         if self.algorithm != "cql_rllib" and not 0.0 < self.f < 1.0:
             raise ConfigError(f"agent.f: must be in (0, 1) for model-based algorithms (a d_f batch needs rows "

@@ -4,7 +4,7 @@ Lemma 4.1's proof replaces |D| · d^{π^β}(s) by |D(s)|, the count of dataset s
 that count is an estimate; two are offered:
 
 - :class:`ConstantDensity` — every state counts |D| (d^{π^β} taken as 1: the penalty becomes
-  α · E_s sqrt(Var_{π^f} Q / |D|)).
+  α · E_s sqrt(Var_{π^f} Q) after the normalisation below).
 - :class:`KDEDensity` — a Gaussian kernel density against a FIXED subsample of K dataset states, normalised
   with the dataset mean/std. The count is dimensionally a number of states::
 
@@ -15,8 +15,16 @@ that count is an estimate; two are offered:
   a state every dataset state sits on, and falls to 0 far from the data; it is clipped from below at
   ``floor`` so that the penalty stays finite off the data.
 
+Normalisation (beside Eq. 13; see ``losses.action_variance_penalty``): the variance term divides by the
+RELATIVE density ``relative_count(s) = |D(s)| / N_ref``, N_ref = ``reference``, the estimator's mean count over
+dataset states: |D| for the constant estimator (so its relative density is 1 everywhere) and, for the KDE,
+the leave-one-out mean count over its K centres, (|D| / (K-1)) · mean_j Σ_{k≠j} k(c_j, c_k) — an unbiased
+estimate of E_{s~D} |D(s)| that does not count a centre as its own neighbour. Dividing by |D(s)| itself
+would scale the term by 1/sqrt(|D|) (≈ 1/1000 on D4RL) and make α mean different things per estimator.
+
 Both are ``nn.Module`` s whose state lives in buffers, so ``state_dict()`` / ``load_state_dict()`` carry them in
-checkpoints and ``.to(device)`` moves them. Shapes: B states, D_o observation dims, K centres.
+checkpoints and ``.to(device)`` moves them; N_ref is derived from them (a non-persistent buffer, recomputed
+on load, so checkpoints keep their keys). Shapes: B states, D_o observation dims, K centres.
 """
 
 from __future__ import annotations
@@ -33,9 +41,14 @@ from dromo_ray.core.config import AgentConfig
 
 @runtime_checkable
 class StateDensity(Protocol):
-    """count(obs (B, D_o)) -> (B,) ≈ |D| · d^{π^β}(s), clipped from below; checkpointable."""
+    """count(obs (B, D_o)) -> (B,) ≈ |D| · d^{π^β}(s), clipped from below; ``relative_count`` = count / N_ref
+    (``reference``, the mean count over dataset states); checkpointable."""
+
+    reference: torch.Tensor
 
     def count(self, obs: torch.Tensor) -> torch.Tensor: ...
+
+    def relative_count(self, obs: torch.Tensor) -> torch.Tensor: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -53,10 +66,20 @@ class ConstantDensity(nn.Module):
             raise ValueError(f"ConstantDensity: n_total must be >= 1, got {n_total}")
         self.register_buffer("n_total", torch.tensor(float(n_total)))
 
+    @property
+    def reference(self) -> torch.Tensor:
+        """N_ref = |D|: every dataset state counts |D|."""
+        return self.n_total
+
     @torch.no_grad()
     def count(self, obs: torch.Tensor) -> torch.Tensor:
         """(B, D_o) -> (B,) all equal to |D|."""
         return self.n_total.to(obs.dtype).expand(obs.shape[0])
+
+    @torch.no_grad()
+    def relative_count(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, D_o) -> (B,) all equal to 1 (= |D| / N_ref)."""
+        return torch.ones(obs.shape[0], dtype=obs.dtype, device=obs.device)
 
 
 class KDEDensity(nn.Module):
@@ -94,6 +117,31 @@ class KDEDensity(nn.Module):
         self.register_buffer("n_total", torch.tensor(float(n if n_total is None else n_total)))
         self.register_buffer("bandwidth", torch.tensor(float(bandwidth)))
         self.register_buffer("floor", torch.tensor(float(floor)))
+        self.register_buffer("reference", torch.zeros(()), persistent=False)
+        self._set_reference()
+
+    @torch.no_grad()
+    def _set_reference(self) -> None:
+        # N_ref: leave-one-out mean count over the centres (a centre's kernel with itself, 1, is left out).
+        c = self.centres
+        k = c.shape[0]
+        if k < 2:
+            ref = self.n_total.clone()
+        else:
+            inv_2h2 = 0.5 / self.bandwidth.square()
+            c_sq = c.square().sum(1)
+            total = torch.zeros((), dtype=c.dtype, device=c.device)
+            for rows in c.split(1024):
+                d2 = torch.addmm(c_sq.unsqueeze(0) + rows.square().sum(1, keepdim=True), rows, c.T,
+                                 alpha=-2.0).clamp_min_(0.0)
+                total += (-d2 * inv_2h2).exp().sum() - rows.shape[0]
+            ref = self.n_total * total / (k * (k - 1))
+        self.reference = ref.clamp_min(torch.clamp_min(self.floor, 1e-6)).to(self.reference.device)
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super().load_state_dict(state_dict, *args, **kwargs)
+        self._set_reference()
+        return out
 
     @classmethod
     def empty(cls, obs_dim: int, num_centres: int) -> KDEDensity:
@@ -117,6 +165,11 @@ class KDEDensity(nn.Module):
             log_mean_kernel = torch.logsumexp(-d2 * inv_2h2, dim=1) - log_k
             outs.append(self.n_total * log_mean_kernel.exp())
         return torch.cat(outs).clamp_min(self.floor).to(obs.dtype)
+
+    @torch.no_grad()
+    def relative_count(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, D_o) -> (B,): |D(s)| / N_ref (1 at a state of average dataset density)."""
+        return self.count(obs) / self.reference.to(obs.dtype)
 
 
 def make_density(cfg: AgentConfig, states: np.ndarray | torch.Tensor, *, n_total: int | None = None,

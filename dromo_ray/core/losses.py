@@ -22,18 +22,36 @@ VARIANCE_EPS = 1e-8
 
 def soft_bellman_target(rew: torch.Tensor, done: torch.Tensor, next_q: torch.Tensor, next_logp: torch.Tensor,
                         gamma: float, ent_coef: torch.Tensor | float) -> torch.Tensor:
-    """T̂^π Q'(s, a) = r + γ (1 - done) (min_j Q'_j(s', a') - c · log π(a'|s')),  a' ~ π(·|s')   (Eq. 6/7).
+    """T̂^π Q'(s, a) = r + γ (1 - done) (min_j Q'_j(s', a') - c · log π(a'|s')),  a' ~ π(·|s')   (SAC's backup).
 
     The empirical Bellman backup of Eq. 6 (dataset rows) and Eq. 7 (model rows) on the target critics Q_ψ'
-    (min of the twins), with SAC's entropy bonus (temperature c) in the backup.
+    (min of the twins), with SAC's entropy bonus (temperature c) added inside the backup: Eq. 6/7 themselves
+    have no entropy term (see :func:`deterministic_bellman_target`, ``AgentConfig.deterministic_backup``).
     rew (B,), done (B,) 0/1, next_q (E, B) target-critic values at (s', a'), next_logp (B,) -> (B,).
     """
     soft_v = next_q.min(0).values - ent_coef * next_logp
     return rew + gamma * (1.0 - done) * soft_v
 
 
+def deterministic_bellman_target(rew: torch.Tensor, done: torch.Tensor, next_q: torch.Tensor,
+                                 gamma: float) -> torch.Tensor:
+    """T̂^π Q'(s, a) = r + γ (1 - done) min_j Q'_j(s', a'),  a' ~ π(·|s')   (Eq. 6/7 as written).
+
+    No entropy term in the target: the "deterministic backup" of CQL's and OfflineRL-Kit's COMBO code.
+    rew (B,), done (B,) 0/1, next_q (E, B) -> (B,).
+    """
+    return rew + gamma * (1.0 - done) * next_q.min(0).values
+
+
 def bellman_error(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """½ E_{d_f}[(Q_ψ(s, a) - T̂^π Q_ψ'(s, a))²]   (Eq. 13, first term).  q (E, B), target (B,) -> (E,)."""
+    """½ E_{d_f}[(Q_ψ(s, a) - T̂^π Q_ψ'(s, a))²]   (Eq. 13, first term).  q (E, B), target (B,) -> (E,).
+
+    Convention: we keep the ½ of Eq. 13 (and of Eq. 8, COMBO's objective as the paper restates it). The
+    published COMBO/CQL code minimises the plain mean square (CQL's ``nn.MSELoss``; OfflineRL-Kit's COMBO
+    ``((q - target_q) ** 2).mean()``) beside β_pub · (conservative term), so its gradient ratio conservative :
+    Bellman is β_pub : 2(Q - T̂Q); ours is β : (Q - T̂Q). The ratios agree when β = β_pub / 2, which is how the
+    presets in tune_configs/ set β. α's term sits beside the same ½.
+    """
     return 0.5 * (q - target.detach()).square().mean(-1)
 
 
@@ -50,10 +68,19 @@ def _sqrt_eps(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def action_variance_penalty(q_samples: torch.Tensor, count: torch.Tensor, alpha: float,
                             eps: float = VARIANCE_EPS) -> torch.Tensor:
-    """α · E_{s~d_f}[ sqrt( Var_{a~π^f(·|s)} Q_ψ(s, a) / (|D| · d^{π^β}(s)) ) ]   (Eq. 13, second term).
+    """α · E_{s~d_f}[ sqrt( Var_{a~π^f(·|s)} Q_ψ(s, a) / n(s) ) ]   (Eq. 13, second term).
 
     q_samples (E, B, M): Q_ψ at M actions per state drawn from π^f (actions detached, so the term is
-    differentiable in ψ only); count (B,): |D(s)| ≈ |D| · d^{π^β}(s) (see ``density.py``) -> (E,).
+    differentiable in ψ only); count (B,): the denominator n(s) -> (E,).
+
+    Normalisation (our choice, beside Eq. 13): Eq. 13 divides by |D| · d^{π^β}(s) ≈ |D(s)|, a count of order
+    |D| ≈ 1e6 on D4RL, so that α · sqrt(Var / |D(s)|) ≈ α · std / 1000 and DROMO with α in any usable range is
+    COMBO; α's meaning would also depend on |D| and on the estimator. The agent therefore passes the RELATIVE
+    density n(s) = |D(s)| / N_ref, N_ref = the estimator's mean count over dataset states (``density.py``):
+    the same objective as Eq. 13 with Eq. 13's weight α_13 = α · sqrt(N_ref). At a state of average dataset
+    density both estimators give α · std_{π^f} Q; the KDE's state dependence (scarce states penalised more,
+    Lemma 4.1) is kept as the density ratio d^{π^β}(s) / E_D d^{π^β}.
+
     The variance is the unbiased sample variance over the M actions. A small ε sits inside the square root,
     as sqrt(x + ε) - sqrt(ε), so that the gradient is finite when the variance is 0 (a deterministic π^f)
     while the value there stays exactly 0.
@@ -64,7 +91,11 @@ def action_variance_penalty(q_samples: torch.Tensor, count: torch.Tensor, alpha:
 
 
 def strict_variance_penalty(q: torch.Tensor, alpha: float, eps: float = VARIANCE_EPS) -> torch.Tensor:
-    """α · sqrt( Var_{d_f}(Q_ψ(s, a)) / n )   (Eq. 17, the strict variant).
+    """α · sqrt( Var_{d_f}(Q_ψ(s, a)) / n )   (Eq. 17, the strict variant: an ABLATION).
+
+    Kept for the paper's linear/NTK analysis (sections 4.2-4.3); as a training objective it pulls the Q-values
+    of DIFFERENT states together (the variance is across the batch), which is not a penalty on uncertainty at
+    a state. Never a default; ``AgentConfig.variance_form``.
 
     q (E, B): Q_ψ on the d_f batch; the unbiased variance is taken ACROSS the batch and n = B, the number of
     d_f samples the variance is estimated from (Theorem 3.1's n) -> (E,). Same ε treatment as Eq. 13's term.

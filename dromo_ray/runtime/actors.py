@@ -260,7 +260,8 @@ class Learner:
             behavior.load_state_dict(behavior_state)
         density = density_from_state(density_state) if density_state is not None else None
         self.agent = make_agent(cfg.agent, spec.obs_dim, spec.act_dim, device=self.device, seed=cfg.seed,
-                                behavior=behavior, density=density, dataset_size=len(dataset))
+                                behavior=behavior, density=density, dataset_size=len(dataset),
+                                total_steps=cfg.train.total_steps)
         sampler = DatasetSampler(dataset_arrays(dataset), self.device, seed=cfg.seed + 17)
         self.replay = replay
         self._prefetch: Any = None

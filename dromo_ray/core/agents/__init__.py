@@ -10,7 +10,8 @@ Every algorithm is the same :class:`SACAgent` with different components:
 =========  ==============================================  =====================================
 algorithm  critic terms (Eq. 13)                           model reward
 =========  ==============================================  =====================================
-dromo      α·variance (Eq. 13 or 17) + β·conservative      r
+dromo      α·variance (Eq. 13) + β·conservative            r
+           (Eq. 17's strict variance: an ablation)
 combo      β·conservative (α = 0)                          r
 mbpo       none (α = β = 0)                                r
 mopo       none                                            r - λu, λ = cfg.mopo_lambda
@@ -63,19 +64,21 @@ class Agent(Protocol):
 
 def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | torch.device = "cpu", seed: int = 0,
                behavior: TanhGaussianActor | None = None, density: StateDensity | None = None,
-               dataset_size: int = 1) -> SACAgent:
+               dataset_size: int = 1, total_steps: int | None = None) -> SACAgent:
     """Build the agent ``cfg.algorithm`` names.
 
     DROMO with α > 0 and ``variance_form="action"`` needs ``behavior`` (π^β, from ``fit_behavior_policy``) and a
     state density: ``density`` when given (required for ``cfg.density == "kde"``), else ``ConstantDensity
     (dataset_size)`` for ``cfg.density == "constant"``. ``behavior`` and ``density`` are moved to ``device`` and
     π^β is frozen (``requires_grad`` off): the agent only samples from it. Both travel in ``state_dict()["terms"]``.
+    ``total_steps`` (the run's ``train.total_steps``) is T of a cosine actor-lr schedule when
+    ``cfg.actor_lr_schedule_steps`` is 0.
     """
     algo = cfg.algorithm
     if algo not in AGENT_ALGORITHMS:
         raise ValueError(f"make_agent: unknown algorithm {algo!r} (one of {', '.join(AGENT_ALGORITHMS)})")
     dev = torch.device(device)
-    common = dict(device=dev, seed=seed)
+    common = dict(device=dev, seed=seed, total_steps=total_steps)
     if algo in ("dromo", "combo"):
         alpha, beta = cfg.effective_alpha(), cfg.effective_beta()
         needs_variance = alpha > 0 and cfg.variance_form == "action"
@@ -88,6 +91,7 @@ def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | to
             behavior = density = None  # unused: keep them out of the agent and its checkpoints
         terms = DromoTerms(alpha=alpha, beta=beta, f=cfg.f, num_actions=cfg.num_actions, act_dim=act_dim,
                            variance_form=cfg.variance_form, conservative_form=cfg.conservative_form,
+                           conservative_states=cfg.conservative_states,
                            behavior=behavior.to(dev) if behavior is not None else None,
                            density=density.to(dev) if density is not None else None,
                            report_variance=algo == "dromo")
@@ -115,6 +119,7 @@ def restore_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, state: dict[str,
         behavior = TanhGaussianActor(obs_dim, act_dim, tuple(int(w.shape[0]) for w in weights[:-1]))
     if "density" in terms:
         density = density_from_state(terms["density"])
-    agent = make_agent(cfg, obs_dim, act_dim, device=device, behavior=behavior, density=density)
+    agent = make_agent(cfg, obs_dim, act_dim, device=device, behavior=behavior, density=density,
+                       total_steps=state.get("actor_lr_steps") or None)
     agent.load_state_dict(state)
     return agent

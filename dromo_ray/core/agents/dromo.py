@@ -4,13 +4,17 @@ Every extra critic input is planned here and evaluated by the agent in the same 
 
 - ``variance_form="action"`` (Eq. 13): M actions per d_f state from π^f = f·π^β + (1-f)·π, each drawn from π^β
   with probability f, else from π (f = weight of the DATASET, Theorem 4.2; Eq. 9 has it the other way round);
-  B·M rows. The counts |D(s)| ≈ |D|·d^{π^β}(s) come from a :class:`~dromo_ray.core.density.StateDensity`.
-- ``variance_form="strict"`` (Eq. 17): variance of Q across the batch; no extra rows.
-- ``conservative_form="expectation"`` (Eq. 13 / COMBO Eq. 8): ρ rows are the model rows of the batch with an
-  action from the current π (ρ = d^π_M̂(s)π(a|s)); B_ρ rows.
+  B·M rows. The denominators are RELATIVE densities |D(s)| / N_ref from a
+  :class:`~dromo_ray.core.density.StateDensity` (the normalisation beside Eq. 13, ``losses.py``).
+- ``variance_form="strict"`` (Eq. 17): variance of Q across the batch; no extra rows. An ABLATION only: it
+  pulls the Q-values of different states together.
+- ``conservative_form="expectation"`` (Eq. 13 / COMBO Eq. 8): ρ states with an action from the current π
+  (ρ = d^π_M̂(s)π(a|s)); one row per ρ-state.
 - ``conservative_form="logsumexp"`` (COMBO practice, CQL(H)): per ρ-state M uniform actions, M from π(·|s),
-  M from π(·|s'), importance-weighted by their proposal densities; B_ρ·3M rows.
-In both conservative forms E_D Q is the mean over the dataset rows (s, a) of the batch.
+  M from π(·|s'), importance-weighted by their proposal densities; 3M rows per ρ-state.
+The ρ-states (the push-down states) are the model rows of the batch (``conservative_states="model"``, Eq. 8/13)
+or every row of the d_f batch (``"mixed"``, OfflineRL-Kit's COMBO default); B_ρ of them. In both conservative
+forms E_D Q is the mean over the dataset rows (s, a) of the batch.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from dromo_ray.core.nets import TanhGaussianActor
 
 @dataclasses.dataclass(frozen=True)
 class DromoLosses(SACLosses):
-    """DROMO: Bellman + α·variance penalty + β·conservative (Eq. 13, or Eq. 17's strict variance)."""
+    """DROMO: Bellman + α·variance penalty + β·conservative (Eq. 13, or Eq. 17's strict variance, an ablation)."""
 
     variance_penalty: torch.Tensor
     conservative: torch.Tensor
+    variance_to_bellman: torch.Tensor
+    """variance_penalty / bellman: how strongly the variance term weighs against the Bellman term (not a loss)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +51,8 @@ class ComboLosses(SACLosses):
 class DromoPlan(NamedTuple):
     """Extra critic rows of one update and what the loss needs besides their Q-values.
 
-    obs (N, D_o), act (N, D_a) with N = n_var + n_rho; count (B,) |D(s)| for the variance rows (or None);
+    obs (N, D_o), act (N, D_a) with N = n_var + n_rho; count (B,) relative density |D(s)| / N_ref of the
+    variance rows (or None);
     log_proposal (B_ρ, 3M) for the log-sum-exp rows (or None); per_state: actions per state in each block.
     """
 
@@ -64,10 +71,14 @@ class DromoTerms:
 
     def __init__(self, *, alpha: float, beta: float, f: float, num_actions: int, act_dim: int,
                  variance_form: str = "action", conservative_form: str = "logsumexp",
+                 conservative_states: str = "model",
                  behavior: TanhGaussianActor | None = None, density: StateDensity | None = None,
                  report_variance: bool = True) -> None:
         if variance_form not in ("action", "strict") or conservative_form not in ("expectation", "logsumexp"):
             raise ValueError(f"unknown variance_form {variance_form!r} or conservative_form {conservative_form!r}")
+        if conservative_states not in ("model", "mixed"):
+            raise ValueError(f"unknown conservative_states {conservative_states!r} (model or mixed)")
+        self.conservative_states = conservative_states
         self.alpha, self.beta, self.f = float(alpha), float(beta), float(f)
         self.num_actions, self.act_dim = int(num_actions), int(act_dim)
         self.variance_form, self.conservative_form = variance_form, conservative_form
@@ -102,28 +113,31 @@ class DromoTerms:
                 from_beta = torch.rand((b, m, 1), generator=gen, device=obs.device) < self.f
                 a = torch.where(from_beta, a_beta, a)
             assert self.density is not None
-            count = self.density.count(obs)
+            count = self.density.relative_count(obs)  # |D(s)| / N_ref: the normalisation beside Eq. 13
             obs_parts.append(obs.unsqueeze(1).expand(-1, m, -1).reshape(b * m, -1))
             act_parts.append(a.reshape(b * m, -1))
             n_var, var_per_state = b * m, m
 
         if self.beta > 0 and n_real > 0 and n_model > 0:
-            s_rho = obs[n_real:]
+            # push-down states: the model rows (ρ's states, Eq. 8/13) or the whole d_f batch ("mixed")
+            rows = slice(n_real, None) if self.conservative_states == "model" else slice(None)
+            s_rho, pi_rho, pi_next_rho = obs[rows], x.pi[rows], x.pi_next[rows]
+            b_rho = s_rho.shape[0]
             if self.conservative_form == "expectation":
-                a_rho = x.pi[n_real:].sample(gen)[0]  # (B_ρ, D_a): ρ(s, a) = d^π_M̂(s) π(a|s)
+                a_rho = pi_rho.sample(gen)[0]  # (B_ρ, D_a): ρ(s, a) = d^π_M̂(s) π(a|s)
                 obs_parts.append(s_rho)
                 act_parts.append(a_rho)
-                n_rho, rho_per_state = n_model, 1
+                n_rho, rho_per_state = b_rho, 1
             else:
-                a_unif = torch.rand((n_model, m, self.act_dim), generator=gen, device=obs.device) * 2.0 - 1.0
-                a_s, logp_s = x.pi[n_real:].sample(gen, m)
-                a_sn, logp_sn = x.pi_next[n_real:].sample(gen, m)
+                a_unif = torch.rand((b_rho, m, self.act_dim), generator=gen, device=obs.device) * 2.0 - 1.0
+                a_s, logp_s = pi_rho.sample(gen, m)
+                a_sn, logp_sn = pi_next_rho.sample(gen, m)
                 acts = torch.cat([a_unif, a_s, a_sn], 1)  # (B_ρ, 3M, D_a), all evaluated at the state s
-                log_proposal = torch.cat([logp_s.new_full((n_model, m), self.log_uniform), logp_s, logp_sn], 1)
+                log_proposal = torch.cat([logp_s.new_full((b_rho, m), self.log_uniform), logp_s, logp_sn], 1)
                 k = 3 * m
-                obs_parts.append(s_rho.unsqueeze(1).expand(-1, k, -1).reshape(n_model * k, -1))
-                act_parts.append(acts.reshape(n_model * k, -1))
-                n_rho, rho_per_state = n_model * k, k
+                obs_parts.append(s_rho.unsqueeze(1).expand(-1, k, -1).reshape(b_rho * k, -1))
+                act_parts.append(acts.reshape(b_rho * k, -1))
+                n_rho, rho_per_state = b_rho * k, k
 
         if not obs_parts:
             return DromoPlan(None, None, 0, 0, None, 0, 0, None)
@@ -160,6 +174,12 @@ class DromoTerms:
         else:
             out["conservative"] = zero
         return out
+
+    def metrics(self, terms: dict[str, torch.Tensor], bellman: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Diagnostics beside the loss terms (summed over the twins): ``variance_to_bellman`` for DROMO."""
+        if not self.report_variance:
+            return {}
+        return {"variance_to_bellman": terms["variance_penalty"].detach() / bellman.detach().clamp_min(1e-12)}
 
     # ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

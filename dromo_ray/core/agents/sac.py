@@ -4,8 +4,10 @@ One update (Algorithm 1, lines 5-7) on a d_f batch (``MixedBatch``: f·B rows fr
 
 1. critic (Eq. 13): ½ E_{d_f}[(Q_ψ - T̂^π Q_ψ')²] plus the algorithm's critic terms (DROMO's variance and
    conservative terms, COMBO's conservative term; none for MBPO/MOPO), all critic inputs of the update in ONE
-   forward of the twin critics;
-2. actor (Eq. 14): maximise E_{s~d_f}[min_j Q_j(s, π(s))] + R(π), R = SAC entropy (Alg. 1 line 6: d_f states);
+   forward of the twin critics. T̂^π is Eq. 6/7 as written (``cfg.deterministic_backup``) or SAC's soft
+   backup with the entropy bonus (the default);
+2. actor (Eq. 14): maximise E_{s~d_f}[min_j Q_j(s, π(s))] + R(π), R = SAC entropy (Alg. 1 line 6: d_f states),
+   at a constant or cosine-annealed learning rate (``cfg.actor_lr_schedule``);
 3. SAC temperature; the algorithm's own dual variable (MOPO-auto's λ);
 4. Polyak of the target critics AND the target policy (line 7). The paper prints θ' ← τθ + τθ'; that is a typo
    for τθ + (1-τ)θ', which is what the ψ' half of the same line says and what we do.
@@ -119,6 +121,8 @@ class CriticTerms(Protocol):
     def losses(self, q: torch.Tensor, q_extra: torch.Tensor | None, plan: Any, n_real: int
                ) -> dict[str, torch.Tensor]: ...
 
+    def metrics(self, terms: dict[str, torch.Tensor], bellman: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -141,6 +145,12 @@ def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
     if device.type in ("cpu", "cuda"):
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def cosine_lr(base_lr: float, step: int, total: int) -> float:
+    """base_lr · (1 + cos(π · min(step, T) / T)) / 2: base_lr at step 0, base_lr / 2 at T/2, 0 from T on
+    (torch's CosineAnnealingLR with eta_min = 0, held at 0 past T instead of rising again)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 @contextlib.contextmanager
@@ -180,7 +190,7 @@ class SACAgent:
 
     def __init__(self, cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | torch.device = "cpu",
                  seed: int = 0, losses_cls: type[SACLosses] = MbpoLosses, terms: CriticTerms | None = None,
-                 penalty: RewardPenalty | None = None) -> None:
+                 penalty: RewardPenalty | None = None, total_steps: int | None = None) -> None:
         self.cfg = cfg
         self.algorithm = cfg.algorithm
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
@@ -189,7 +199,15 @@ class SACAgent:
         self.gamma, self.tau = float(cfg.gamma), float(cfg.tau)
         self.target_entropy = float(-act_dim if cfg.target_entropy is None else cfg.target_entropy)
         self.max_grad_norm = float(cfg.max_grad_norm)
+        self.deterministic_backup = bool(cfg.deterministic_backup)
         self.step = 0
+        # Actor lr schedule: a pure function of (step, T), so step (in state_dict) and T carry it across resumes.
+        self.actor_lr_steps = 0
+        if cfg.actor_lr_schedule == "cosine":
+            self.actor_lr_steps = int(cfg.actor_lr_schedule_steps or (total_steps or 0))
+            if self.actor_lr_steps <= 0:
+                raise ValueError("agent.actor_lr_schedule: cosine needs agent.actor_lr_schedule_steps > 0 or the "
+                                 "run's train.total_steps (make_agent(..., total_steps=...))")
 
         # Initial weights from the seed without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -229,16 +247,16 @@ class SACAgent:
         assert obs.shape[1] == self.obs_dim and act.shape[1] == self.act_dim and rew.dim() == 1, (
             f"batch: obs (B, {self.obs_dim}), act (B, {self.act_dim}), rew (B,) expected")
         ent_coef = self.log_ent_coef.detach().exp()
+        if self.actor_lr_steps:
+            lr = self.actor_lr()
+            for group in self.actor_opt.param_groups:
+                group["lr"] = lr
 
         # π_θ at s (kept with its graph: the actor step reuses it, the actor has not changed by then) and at s'.
         pi = PolicyDist(*self.actor.dist_params(obs))
         with torch.no_grad():
             pi_next = PolicyDist(*self.actor.dist_params(next_obs))
-            # T̂^π Q_ψ' (Eq. 6/7) with a' ~ π_θ(·|s'): the current policy, as in SAC; the target policy π_θ'
-            # drives the model rollouts (Alg. 1 line 4).
-            a_next, logp_next = pi_next.sample(gen)
-            q_next = twin_q(self.target_critic, next_obs, a_next, self._ws)
-            target = L.soft_bellman_target(rew, done, q_next, logp_next, self.gamma, ent_coef)
+            target = self.bellman_target(rew, done, next_obs, pi_next, ent_coef)
             plan = extra = None
             if self.terms is not None:
                 pi_detached = PolicyDist(pi.mu.detach(), pi.log_std.detach())
@@ -255,6 +273,7 @@ class SACAgent:
         terms = {} if self.terms is None else {k: v.sum() for k, v in
                                                self.terms.losses(q, q_extra, plan, n_real).items()}
         critic_loss = bellman + sum(terms.values()) if terms else bellman
+        term_metrics = self.terms.metrics(terms, bellman) if self.terms is not None else {}
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         if self.max_grad_norm > 0:
@@ -292,8 +311,30 @@ class SACAgent:
             entropy_coef=ent_coef, entropy=-logp_pi.detach().mean(),
             q_data=q_det[:, :n_real].mean() if n_real else zero,
             q_model=q_det[:, n_real:].mean() if n_model else zero,
-            **{k: v.detach() for k, v in terms.items()}, **extra_metrics)
+            **{k: v.detach() for k, v in terms.items()}, **term_metrics, **extra_metrics)
         return to_metrics(record, sync_metrics)
+
+    @torch.no_grad()
+    def bellman_target(self, rew: torch.Tensor, done: torch.Tensor, next_obs: torch.Tensor, pi_next: PolicyDist,
+                       ent_coef: torch.Tensor) -> torch.Tensor:
+        """T̂^π Q_ψ'(s, a) with a' ~ π_θ(·|s') drawn from the agent's generator -> (B,).
+
+        a' comes from the current policy, as in SAC; the target policy π_θ' drives the model rollouts (Alg. 1
+        line 4). Deterministic backup: r + γ(1-d) min_j Q'_j(s', a') (Eq. 6/7); else SAC's soft backup. Both
+        draw the same a' (and log π), so the random stream does not depend on the switch.
+        """
+        a_next, logp_next = pi_next.sample(self.generator)
+        q_next = twin_q(self.target_critic, next_obs, a_next, self._ws)
+        if self.deterministic_backup:
+            return L.deterministic_bellman_target(rew, done, q_next, self.gamma)
+        return L.soft_bellman_target(rew, done, q_next, logp_next, self.gamma, ent_coef)
+
+    def actor_lr(self, step: int | None = None) -> float:
+        """The actor's learning rate at learner update ``step`` (default: the next update)."""
+        step = self.step if step is None else step
+        if not self.actor_lr_steps:
+            return float(self.cfg.actor_lr)
+        return cosine_lr(float(self.cfg.actor_lr), step, self.actor_lr_steps)
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -319,6 +360,7 @@ class SACAgent:
         state: dict[str, Any] = {
             "algorithm": self.algorithm,
             "step": self.step,
+            "actor_lr_steps": self.actor_lr_steps,
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
             "target_actor": self.target_actor.state_dict(),
@@ -355,3 +397,5 @@ class SACAgent:
         if self.penalty is not None:
             self.penalty.load_state_dict(state.get("penalty", {}))
         self.step = int(state["step"])
+        if self.actor_lr_steps and state.get("actor_lr_steps"):
+            self.actor_lr_steps = int(state["actor_lr_steps"])  # the run's T, even if the config says otherwise
