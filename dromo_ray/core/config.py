@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "cql_rllib")
-Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "cql_rllib"]
+ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib")
+Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib"]
 
 
 class ConfigError(ValueError):
@@ -87,7 +87,7 @@ class DynamicsConfig:
 @dataclass
 class AgentConfig:
     algorithm: str = "dromo"
-    """One of dromo, combo (alpha=0), mopo, mopo_auto (appendix B), mbpo (alpha=beta=0), cql_rllib."""
+    """One of dromo, combo (alpha=0), mopo, mopo_auto (appendix B), mbpo (alpha=beta=0), mobile, cql_rllib."""
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Hidden widths of the actor and of each critic."""
     actor_lr: float = 1e-4
@@ -134,6 +134,17 @@ class AgentConfig:
     """Step size of the dual update of lambda (Eq. 28-30)."""
     max_grad_norm: float = 0.0
     """Clip gradients of every network to this norm; 0 disables."""
+    deterministic_backup: bool = False
+    """Drop SAC's entropy term from the Bellman backup: the target is r + gamma min_j Q'_j(s', a') (MOBILE's
+    D4RL setting); False keeps the soft backup r + gamma (min_j Q'_j - c log pi(a'|s'))."""
+    mobile_beta: float = 1.0
+    """MOBILE's beta: the model rows' Bellman target is lowered by beta * U(s, a), U the standard deviation over
+    the elite dynamics members of their Bellman estimates (Sun et al., ICML 2023)."""
+    mobile_num_samples: int = 10
+    """MOBILE's N: next-state samples drawn from each elite member's Gaussian to estimate its Bellman target."""
+    mobile_penalty_form: str = "bellman"
+    """``bellman``: U = Std_i[r_i + gamma V(s'_i)], the paper's Bellman estimates; ``next_value``: U = Std_i[V(s'_i)],
+    what the authors' code computes (rewards and gamma left out)."""
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -148,13 +159,15 @@ class AgentConfig:
                 raise ConfigError(f"agent.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.gamma >= 1.0:
             raise ConfigError("agent.gamma: must be < 1")
-        for name in ("alpha", "beta", "mopo_lambda", "max_grad_norm"):
+        for name in ("alpha", "beta", "mopo_lambda", "max_grad_norm", "mobile_beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"agent.{name}: must be >= 0, got {getattr(self, name)}")
         _choice(self, "agent", "variance_form", ("action", "strict"))
         _choice(self, "agent", "density", ("constant", "kde"))
         _choice(self, "agent", "conservative_form", ("expectation", "logsumexp"))
         _choice(self, "agent", "mopo_uncertainty", ("max_aleatoric", "disagreement", "entropy"))
+        _choice(self, "agent", "mobile_penalty_form", ("bellman", "next_value"))
+        _positive(self, "agent", "mobile_num_samples")
         if self.algorithm != "cql_rllib" and not 0.0 < self.f < 1.0:
             raise ConfigError(f"agent.f: must be in (0, 1) for model-based algorithms (a d_f batch needs rows "
                               f"from D and from D_model), got {self.f}")
@@ -170,6 +183,10 @@ class AgentConfig:
     def effective_beta(self) -> float:
         """beta after the algorithm's convention: COMBO = DROMO with alpha=0; MBPO/MOPO have no beta."""
         return self.beta if self.algorithm in ("dromo", "combo") else 0.0
+
+    def needs_dynamics(self) -> bool:
+        """Whether the agent's update itself queries the dynamics ensemble (MOBILE's penalty)."""
+        return self.algorithm == "mobile"
 
 
 @dataclass
@@ -280,6 +297,9 @@ class ExperimentConfig:
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
                 v.validate()
+        if self.agent.needs_dynamics() and self.dynamics.num_elites < 2:
+            raise ConfigError("dynamics.num_elites: mobile's penalty is a standard deviation over the elites; "
+                              f"needs >= 2, got {self.dynamics.num_elites}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
