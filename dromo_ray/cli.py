@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("learner", help="learner updates/s and achieved GFLOP/s")
-    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo"], default="dromo")
+    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile"], default="dromo")
     q.add_argument("--device", default="cpu")
     q.add_argument("--batch", type=int, default=256)
     q.add_argument("--steps", type=int, default=50, help="timed updates")
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_handler("dromo_ray.bench.behavior"))
     q = bsub.add_parser("pipeline", help="learner with actors feeding it vs alone; rollout scaling")
     q.add_argument("--steps", type=int, default=300, help="timed learner updates per measurement")
-    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo"], default="dromo")
+    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile"], default="dromo")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("dromo_ray.bench.pipeline"))
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dromo_ray.core.agents import make_agent, restore_agent
+from dromo_ray.core.agents import AGENT_ALGORITHMS, make_agent, restore_agent
 from dromo_ray.core.agents.fused import twin_q
-from dromo_ray.core.config import AgentConfig
+from dromo_ray.core.config import AgentConfig, DynamicsConfig
 from dromo_ray.core.density import KDEDensity
+from dromo_ray.core.dynamics import EnsembleDynamics
 from dromo_ray.core.nets import TanhGaussianActor, TwinCritic
 from dromo_ray.core.types import Batch, MixedBatch
 
@@ -39,7 +40,16 @@ VARIANTS = {
     "mbpo-clip-fixed-temperature": dict(algorithm="mbpo", max_grad_norm=1.0, auto_entropy=False),
     "mopo": dict(algorithm="mopo", mopo_lambda=0.5),
     "mopo_auto": dict(algorithm="mopo_auto", mopo_target_entropy=0.2),
+    "mobile": dict(algorithm="mobile", mobile_beta=1.0, mobile_num_samples=3),
+    "mobile-next_value-deterministic-backup": dict(algorithm="mobile", mobile_penalty_form="next_value",
+                                                   deterministic_backup=True, mobile_num_samples=2),
 }
+
+
+def tiny_ensemble(seed: int = 0, members: int = 3, elites: int = 2) -> EnsembleDynamics:
+    """A small random ensemble over (OBS, ACT) for MOBILE's penalty."""
+    cfg = DynamicsConfig(ensemble_size=members, num_elites=elites, hidden_dims=(16,))
+    return EnsembleDynamics(OBS, ACT, cfg, generator=torch.Generator().manual_seed(seed))
 
 
 def make_batch(seed: int, unc: float | None = None) -> MixedBatch:
@@ -64,7 +74,7 @@ def build(variant: str, seed: int = 0, **overrides):
         density = KDEDensity(torch.randn(500, OBS), n_total=500, bandwidth=1.0, subsample=64, floor=1.0,
                              generator=torch.Generator().manual_seed(0))
     agent = make_agent(cfg, OBS, ACT, seed=seed, behavior=behavior,
-                       density=density if cfg.density == "kde" else None, dataset_size=500)
+                       density=density if cfg.density == "kde" else None, dataset_size=500, dynamics=tiny_ensemble())
     return agent, cfg
 
 
@@ -75,6 +85,10 @@ def params_of(agent) -> list[torch.Tensor]:
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_every_algorithm_has_a_conformance_variant():
+    assert {v["algorithm"] for v in VARIANTS.values()} == set(AGENT_ALGORITHMS)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -200,7 +214,8 @@ def test_workspace_reuse_is_safe_or_loud():
         first.backward()
 
 
-@pytest.mark.parametrize("variant", ["dromo-action-kde-logsumexp", "combo-expectation", "mopo", "mopo_auto"])
+@pytest.mark.parametrize("variant", ["dromo-action-kde-logsumexp", "combo-expectation", "mopo", "mopo_auto",
+                                     "mobile"])
 def test_update_without_model_rows(variant: str):
     """A d_f batch with no D_model rows yet (f rounding, or an empty buffer): finite metrics, no conservative term."""
     agent, _ = build(variant)

@@ -2,7 +2,8 @@
 
 Reference sizes: batch 256 (f = 0.5: 128 rows from D, 128 from D_model), 3×256 actor and critics, Hopper
 (|S| = 11, |A| = 3), M = 10 actions per state, the log-sum-exp conservative form over 3×10 actions per ρ-state,
-a KDE density over 2048 centres and a 2×256 behaviour policy for DROMO.
+a KDE density over 2048 centres and a 2×256 behaviour policy for DROMO; for MOBILE the 7 × 4×200 ensemble of the
+presets (5 elites) and N = 10 next-state samples per elite (its penalty: 5·10 rows of π_θ and Q_ψ' per model row).
 
 FLOPs are counted from the layer sizes and the rows that pass through each network in one update: 2·in·out per
 row and linear layer; forward + backward = 3× forward for a network being trained, forward only for targets and
@@ -22,8 +23,9 @@ import torch
 
 from dromo_ray.bench.common import device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
 from dromo_ray.core.agents import make_agent
-from dromo_ray.core.config import AgentConfig
+from dromo_ray.core.config import AgentConfig, DynamicsConfig
 from dromo_ray.core.density import KDEDensity
+from dromo_ray.core.dynamics import EnsembleDynamics
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.threads import set_torch_threads
 from dromo_ray.core.types import Batch, MixedBatch
@@ -37,7 +39,7 @@ def _linear_flops(module: torch.nn.Module) -> int:
 
 
 def flops_per_update(cfg: AgentConfig, batch: int, actor: torch.nn.Module, critic: Any,
-                     behavior: torch.nn.Module | None) -> dict[str, float]:
+                     behavior: torch.nn.Module | None, dynamics: EnsembleDynamics | None = None) -> dict[str, float]:
     """Forward-equivalent FLOPs of one update, by network (see the module docstring)."""
     n_real = int(round(cfg.f * batch))
     n_model = batch - n_real
@@ -58,6 +60,13 @@ def flops_per_update(cfg: AgentConfig, batch: int, actor: torch.nn.Module, criti
         "actor": 3.0 * batch * a + 1.0 * batch * a,  # trained at s; no-grad sampler at s'
         "behavior": float(batch * _linear_flops(behavior)) if (uses_variance and behavior is not None) else 0.0,
     }
+    if dynamics is not None and cfg.needs_dynamics():
+        # MOBILE: the elites' forward at the model rows, then π_θ and Q_ψ' (no grad) at N·K sampled s' per row.
+        k = int(dynamics.elite_idx.numel())
+        rows_s = n_model * k * cfg.mobile_num_samples
+        out["dynamics"] = float(n_model * dynamics.flops_per_row() * k / dynamics.num_members)
+        out["penalty_actor"] = float(rows_s * a)
+        out["penalty_target_critic"] = float(rows_s * q)
     out["total"] = sum(v for k, v in out.items() if k != "critic_rows")
     return out
 
@@ -96,8 +105,11 @@ def measure(algo: str, device: torch.device, batch: int = 256, steps: int = 50, 
         density = KDEDensity(torch.randn(20_000, OBS_DIM, generator=gen), n_total=DATASET_SIZE,
                              bandwidth=cfg.kde_bandwidth, subsample=cfg.kde_subsample, floor=cfg.density_floor,
                              generator=gen)
+    dynamics = None
+    if cfg.needs_dynamics():
+        dynamics = EnsembleDynamics(OBS_DIM, ACT_DIM, DynamicsConfig(), generator=torch.Generator().manual_seed(2))
     agent = make_agent(cfg, OBS_DIM, ACT_DIM, device=device, seed=0, behavior=behavior, density=density,
-                       dataset_size=DATASET_SIZE)
+                       dataset_size=DATASET_SIZE, dynamics=dynamics)
     batches = _batches(8, batch, cfg.f, device, gen)
     for i in range(warmup):
         agent.update(batches[i % len(batches)], sync_metrics=False)
@@ -111,7 +123,7 @@ def measure(algo: str, device: torch.device, batch: int = 256, steps: int = 50, 
         loss = float(metrics["train/critic_loss"])  # the one host sync of the round
         sync(device)
         times.append(time.perf_counter() - t0)
-    flops = flops_per_update(cfg, batch, agent.actor, agent.critic, behavior)
+    flops = flops_per_update(cfg, batch, agent.actor, agent.critic, behavior, dynamics)
     ups = steps / min(times)
     return {"algo": algo, "updates_per_s": ups, "updates_per_s_median": steps / statistics.median(times),
             "ms_per_update": 1e3 / ups, "critic_rows_per_update": int(flops["critic_rows"]),

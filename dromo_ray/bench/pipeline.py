@@ -86,7 +86,8 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
     rt = cfg.runtime
     replay = A.remote(A.ReplayServer, num_cpus=0.01).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
     learner = A.remote(A.Learner, num_cpus=rt.learner_cpus).remote(
-        cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), 0.0)
+        cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), 0.0,
+        dyn_ref if cfg.agent.needs_dynamics() else None)
     policy = ray.get(learner.policy_states.remote())["target"]
     Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus)
     max_workers = rt.num_rollout_workers

@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "cql_rllib")
-Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "cql_rllib"]
+ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib")
+Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib"]
 
 
 class ConfigError(ValueError):
@@ -125,7 +125,7 @@ class DynamicsConfig:
 @dataclass
 class AgentConfig:
     algorithm: str = "dromo"
-    """One of dromo, combo (alpha=0), mopo, mopo_auto (appendix B), mbpo (alpha=beta=0), cql_rllib."""
+    """One of dromo, combo (alpha=0), mopo, mopo_auto (appendix B), mbpo (alpha=beta=0), mobile, cql_rllib."""
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Hidden widths of the actor and of each critic."""
     actor_lr: float = 1e-4
@@ -204,6 +204,14 @@ class AgentConfig:
     """Step size of the dual update of lambda (Eq. 28-30)."""
     max_grad_norm: float = 0.0
     """Clip gradients of every network to this norm; 0 disables."""
+    mobile_beta: float = 1.0
+    """MOBILE's beta: the model rows' Bellman target is lowered by beta * U(s, a), U the standard deviation over
+    the elite dynamics members of their Bellman estimates (Sun et al., ICML 2023)."""
+    mobile_num_samples: int = 10
+    """MOBILE's N: next-state samples drawn from each elite member's Gaussian to estimate its Bellman target."""
+    mobile_penalty_form: str = "bellman"
+    """``bellman``: U = Std_i[r_i + gamma V(s'_i)], the paper's Bellman estimates; ``next_value``: U = Std_i[V(s'_i)],
+    what the authors' code computes (rewards and gamma left out)."""
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -222,7 +230,7 @@ class AgentConfig:
             raise ConfigError(f"agent.mopo_entropy_quantile: must be in [0, 1], got {self.mopo_entropy_quantile}")
         if self.mopo_target_entropy is not None and self.mopo_target_entropy < 0:
             raise ConfigError(f"agent.mopo_target_entropy: must be >= 0 (u >= 0), got {self.mopo_target_entropy}")
-        for name in ("alpha", "beta", "mopo_lambda", "max_grad_norm"):
+        for name in ("alpha", "beta", "mopo_lambda", "max_grad_norm", "mobile_beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"agent.{name}: must be >= 0, got {getattr(self, name)}")
         _choice(self, "agent", "variance_form", ("action", "strict"))
@@ -234,6 +242,8 @@ class AgentConfig:
             raise ConfigError(f"agent.actor_lr_schedule_steps: must be >= 0 (0 = train.total_steps), "
                               f"got {self.actor_lr_schedule_steps}")
         _choice(self, "agent", "mopo_uncertainty", ("max_aleatoric", "disagreement", "entropy"))
+        _choice(self, "agent", "mobile_penalty_form", ("bellman", "next_value"))
+        _positive(self, "agent", "mobile_num_samples")
         if self.algorithm != "cql_rllib" and not 0.0 < self.f < 1.0:
             raise ConfigError(f"agent.f: must be in (0, 1) for model-based algorithms (a d_f batch needs rows "
                               f"from D and from D_model), got {self.f}")
@@ -249,6 +259,10 @@ class AgentConfig:
     def effective_beta(self) -> float:
         """beta after the algorithm's convention: COMBO = DROMO with alpha=0; MBPO/MOPO have no beta."""
         return self.beta if self.algorithm in ("dromo", "combo") else 0.0
+
+    def needs_dynamics(self) -> bool:
+        """Whether the agent's update itself queries the dynamics ensemble (MOBILE's penalty)."""
+        return self.algorithm == "mobile"
 
 
 @dataclass
@@ -359,6 +373,9 @@ class ExperimentConfig:
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
                 v.validate()
+        if self.agent.needs_dynamics() and self.dynamics.num_elites < 2:
+            raise ConfigError("dynamics.num_elites: mobile's penalty is a standard deviation over the elites; "
+                              f"needs >= 2, got {self.dynamics.num_elites}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

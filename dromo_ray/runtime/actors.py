@@ -246,7 +246,7 @@ class Learner:
 
     def __init__(self, cfg: ExperimentConfig, env_key: str, dataset: Any, replay: Any,
                  behavior_state: dict[str, Any] | None, density_state: dict[str, Any] | None,
-                 num_gpus: float = 0.0) -> None:
+                 num_gpus: float = 0.0, dynamics_state: dict[str, Any] | None = None) -> None:
         set_torch_threads(cfg.runtime.torch_threads)
         from dromo_ray.core.agents import make_agent
         from dromo_ray.core.density import density_from_state
@@ -259,9 +259,13 @@ class Learner:
             behavior = TanhGaussianActor(spec.obs_dim, spec.act_dim, _behavior_hidden(cfg))
             behavior.load_state_dict(behavior_state)
         density = density_from_state(density_state) if density_state is not None else None
+        # The trained ensemble, for algorithms whose update queries it (MOBILE's penalty): the agent keeps a copy.
+        dyn = None
+        if dynamics_state is not None and cfg.agent.needs_dynamics():
+            dyn = dynamics_from_state(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics)
         self.agent = make_agent(cfg.agent, spec.obs_dim, spec.act_dim, device=self.device, seed=cfg.seed,
                                 behavior=behavior, density=density, dataset_size=len(dataset),
-                                total_steps=cfg.train.total_steps)
+                                total_steps=cfg.train.total_steps, dynamics=dyn)
         sampler = DatasetSampler(dataset_arrays(dataset), self.device, seed=cfg.seed + 17)
         self.replay = replay
         self._prefetch: Any = None

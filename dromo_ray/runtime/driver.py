@@ -199,13 +199,14 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     replay = A.remote(A.ReplayServer, num_cpus=0.01).remote(cfg.rollout.model_buffer_size, spec.obs_dim,
                                                             spec.act_dim, cfg.seed + 1)
     learner_gpus = _learner_gpus(cfg)
+    dyn_ref = ray.put(stage["dynamics"])
     learner = A.remote(A.Learner, num_cpus=rt.learner_cpus, num_gpus=learner_gpus,
                        resources=rt.learner_resources).remote(cfg, env_key, dataset_ref, replay, stage["behavior"],
-                                                              density_state, learner_gpus)
+                                                              density_state, learner_gpus,
+                                                              dyn_ref if cfg.agent.needs_dynamics() else None)
     if ckpt is not None:
         ray.get([learner.load_state_dict.remote(ckpt["learner"]), replay.load_state_dict.remote(ckpt["replay"])])
     policies = ray.get(learner.policy_states.remote())
-    dyn_ref = ray.put(stage["dynamics"])
     Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus, resources=rt.rollout_worker_resources,
                       max_restarts=rt.max_worker_restarts)
     workers = [Worker.remote(i, cfg, env_key, dyn_ref, dataset_ref, policies["target"], replay)

@@ -1,7 +1,7 @@
-"""Agents: DROMO, COMBO, MBPO, MOPO and MOPO-auto behind one face (STYLE.md principle 3).
+"""Agents: DROMO, COMBO, MBPO, MOPO, MOPO-auto and MOBILE behind one face (STYLE.md principle 3).
 
     agent = make_agent(cfg, obs_dim, act_dim, device="cpu", seed=0, behavior=pi_beta, density=density,
-                       dataset_size=len(D))
+                       dataset_size=len(D), dynamics=ensemble)      # ensemble: MOBILE only
     metrics = agent.update(MixedBatch(real, model))          # {"train/critic_loss": ..., ...}
     weights = agent.target_policy_state()                    # for rollout workers (Alg. 1 line 4)
 
@@ -16,6 +16,7 @@ combo      β·conservative (α = 0)                          r
 mbpo       none (α = β = 0)                                r
 mopo       none                                            r - λu, λ = cfg.mopo_lambda
 mopo_auto  none                                            r - λu, λ by Eq. 28-30 toward δ
+mobile     none                                            r; target - β Std_i[T̂_i Q] (mobile.py)
 =========  ==============================================  =====================================
 """
 
@@ -27,18 +28,20 @@ import numpy as np
 import torch
 
 from dromo_ray.core.agents.dromo import ComboLosses, DromoLosses, DromoTerms
+from dromo_ray.core.agents.mobile import BellmanInconsistencyPenalty, MobileLosses, ensemble_from_state
 from dromo_ray.core.agents.mopo import DualPenalty, FixedPenalty, MopoAutoLosses, MopoLosses
 from dromo_ray.core.agents.sac import MbpoLosses, Metrics, SACAgent, SACLosses, to_metrics
 from dromo_ray.core.config import AgentConfig
 from dromo_ray.core.density import ConstantDensity, StateDensity, density_from_state
+from dromo_ray.core.dynamics import EnsembleDynamics
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.types import MixedBatch
 
-AGENT_ALGORITHMS = ("dromo", "combo", "mbpo", "mopo", "mopo_auto")
+AGENT_ALGORITHMS = ("dromo", "combo", "mbpo", "mopo", "mopo_auto", "mobile")
 
 __all__ = [
-    "AGENT_ALGORITHMS", "Agent", "ComboLosses", "DromoLosses", "MbpoLosses", "Metrics", "MopoAutoLosses",
-    "MopoLosses", "SACAgent", "SACLosses", "make_agent", "restore_agent", "to_metrics",
+    "AGENT_ALGORITHMS", "Agent", "ComboLosses", "DromoLosses", "MbpoLosses", "Metrics", "MobileLosses",
+    "MopoAutoLosses", "MopoLosses", "SACAgent", "SACLosses", "make_agent", "restore_agent", "to_metrics",
 ]
 
 
@@ -64,7 +67,8 @@ class Agent(Protocol):
 
 def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | torch.device = "cpu", seed: int = 0,
                behavior: TanhGaussianActor | None = None, density: StateDensity | None = None,
-               dataset_size: int = 1, total_steps: int | None = None) -> SACAgent:
+               dataset_size: int = 1, total_steps: int | None = None,
+               dynamics: EnsembleDynamics | None = None) -> SACAgent:
     """Build the agent ``cfg.algorithm`` names.
 
     DROMO with α > 0 and ``variance_form="action"`` needs ``behavior`` (π^β, from ``fit_behavior_policy``) and a
@@ -73,6 +77,9 @@ def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | to
     π^β is frozen (``requires_grad`` off): the agent only samples from it. Both travel in ``state_dict()["terms"]``.
     ``total_steps`` (the run's ``train.total_steps``) is T of a cosine actor-lr schedule when
     ``cfg.actor_lr_schedule_steps`` is 0.
+
+    MOBILE needs ``dynamics``, the trained ensemble (its elites give the Bellman estimates); the agent keeps a
+    frozen copy on ``device``, carried in ``state_dict()["target_penalty"]``. Other algorithms ignore it.
     """
     algo = cfg.algorithm
     if algo not in AGENT_ALGORITHMS:
@@ -106,20 +113,30 @@ def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | to
                              "from D once the ensemble is trained (dromo_ray.core.model_env.entropy_reference)")
         penalty = DualPenalty(cfg.mopo_lambda, cfg.mopo_target_entropy, cfg.mopo_lambda_lr, dev)
         return SACAgent(cfg, obs_dim, act_dim, losses_cls=MopoAutoLosses, penalty=penalty, **common)
+    if algo == "mobile":
+        if dynamics is None:
+            raise ValueError("make_agent: mobile needs the trained dynamics ensemble (dynamics=EnsembleDynamics)")
+        target_penalty = BellmanInconsistencyPenalty(dynamics, beta=cfg.mobile_beta, num_samples=cfg.mobile_num_samples,
+                                                     gamma=cfg.gamma, form=cfg.mobile_penalty_form, device=dev)
+        return SACAgent(cfg, obs_dim, act_dim, losses_cls=MobileLosses, target_penalty=target_penalty, **common)
     return SACAgent(cfg, obs_dim, act_dim, losses_cls=MbpoLosses, **common)
 
 
 def restore_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, state: dict[str, Any], *,
                   device: str | torch.device = "cpu") -> SACAgent:
-    """An agent rebuilt from ``agent.state_dict()`` alone (π^β and the density come from the state)."""
+    """An agent rebuilt from ``agent.state_dict()`` alone (π^β, the density and MOBILE's ensemble come from the
+    state)."""
     terms = state.get("terms", {})
-    behavior = density = None
+    behavior = density = dynamics = None
     if "behavior" in terms:
         weights = [v for k, v in terms["behavior"].items() if k.endswith("weight")]
         behavior = TanhGaussianActor(obs_dim, act_dim, tuple(int(w.shape[0]) for w in weights[:-1]))
     if "density" in terms:
         density = density_from_state(terms["density"])
+    dynamics = None
+    if "dynamics" in state.get("target_penalty", {}):
+        dynamics = ensemble_from_state(state["target_penalty"]["dynamics"])
     agent = make_agent(cfg, obs_dim, act_dim, device=device, behavior=behavior, density=density,
-                       total_steps=state.get("actor_lr_steps") or None)
+                       total_steps=state.get("actor_lr_steps") or None, dynamics=dynamics)
     agent.load_state_dict(state)
     return agent

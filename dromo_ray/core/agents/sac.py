@@ -12,8 +12,9 @@ One update (Algorithm 1, lines 5-7) on a d_f batch (``MixedBatch``: f·B rows fr
 4. Polyak of the target critics AND the target policy (line 7). The paper prints θ' ← τθ + τθ'; that is a typo
    for τθ + (1-τ)θ', which is what the ψ' half of the same line says and what we do.
 
-The algorithms differ by two small components (composition, not subclassing): ``terms`` adds critic inputs and
-critic loss terms (``agents/dromo.py``), ``penalty`` rewrites model rewards and owns λ (``agents/mopo.py``).
+The algorithms differ by small components (composition, not subclassing): ``terms`` adds critic inputs and
+critic loss terms (``agents/dromo.py``), ``penalty`` rewrites model rewards and owns λ (``agents/mopo.py``),
+``target_penalty`` lowers the Bellman target of the model rows (MOBILE, ``agents/mobile.py``).
 Shapes: E = 2 critics, B batch rows, D_o / D_a observation / action dims, M actions per state.
 """
 
@@ -140,6 +141,20 @@ class RewardPenalty(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class TargetPenalty(Protocol):
+    """Lowers the Bellman target of the model rows by its own penalty (MOBILE). ``penalty`` gets the model rows
+    (obs (B_m, D_o), act (B_m, D_a)), ``next_value`` (states (N, D_o) -> (N,) min_j Q'_j(s', a'), a' ~ π_θ(·|s'),
+    drawn from the agent's generator) and the generator; it returns the amount subtracted (B_m,) and its
+    metrics (names matching the algorithm's loss record)."""
+
+    def penalty(self, obs: torch.Tensor, act: torch.Tensor, next_value: Any, generator: torch.Generator
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
     """Fused Adam (one kernel over all parameters) where torch has it, foreach otherwise."""
     if device.type in ("cpu", "cuda"):
@@ -190,12 +205,14 @@ class SACAgent:
 
     def __init__(self, cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | torch.device = "cpu",
                  seed: int = 0, losses_cls: type[SACLosses] = MbpoLosses, terms: CriticTerms | None = None,
-                 penalty: RewardPenalty | None = None, total_steps: int | None = None) -> None:
+                 penalty: RewardPenalty | None = None, target_penalty: TargetPenalty | None = None,
+                 total_steps: int | None = None) -> None:
         self.cfg = cfg
         self.algorithm = cfg.algorithm
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.device = torch.device(device)
         self.losses_cls, self.terms, self.penalty = losses_cls, terms, penalty
+        self.target_penalty = target_penalty
         self.gamma, self.tau = float(cfg.gamma), float(cfg.tau)
         self.target_entropy = float(-act_dim if cfg.target_entropy is None else cfg.target_entropy)
         self.max_grad_norm = float(cfg.max_grad_norm)
@@ -257,6 +274,11 @@ class SACAgent:
         with torch.no_grad():
             pi_next = PolicyDist(*self.actor.dist_params(next_obs))
             target = self.bellman_target(rew, done, next_obs, pi_next, ent_coef)
+            target_metrics: dict[str, torch.Tensor] = {}
+            if self.target_penalty is not None:
+                # MOBILE: the model rows' target minus β U(s, a); dataset rows keep theirs.
+                u, target_metrics = self.target_penalty.penalty(model.obs, model.act, self._next_value, gen)
+                target = torch.cat([target[:n_real], target[n_real:] - u])
             plan = extra = None
             if self.terms is not None:
                 pi_detached = PolicyDist(pi.mu.detach(), pi.log_std.detach())
@@ -311,7 +333,7 @@ class SACAgent:
             entropy_coef=ent_coef, entropy=-logp_pi.detach().mean(),
             q_data=q_det[:, :n_real].mean() if n_real else zero,
             q_model=q_det[:, n_real:].mean() if n_model else zero,
-            **{k: v.detach() for k, v in terms.items()}, **term_metrics, **extra_metrics)
+            **{k: v.detach() for k, v in terms.items()}, **term_metrics, **extra_metrics, **target_metrics)
         return to_metrics(record, sync_metrics)
 
     @torch.no_grad()
@@ -335,6 +357,12 @@ class SACAgent:
         if not self.actor_lr_steps:
             return float(self.cfg.actor_lr)
         return cosine_lr(float(self.cfg.actor_lr), step, self.actor_lr_steps)
+
+    def _next_value(self, next_obs: torch.Tensor) -> torch.Tensor:
+        """V(s') = min_j Q_ψ'_j(s', a'), a' ~ π_θ(·|s') from the agent's generator: next_obs (N, D_o) -> (N,).
+        No entropy term (MOBILE's penalty compares values, not soft values). Call under no_grad."""
+        a, _ = PolicyDist(*self.actor.dist_params(next_obs)).sample(self.generator)
+        return twin_q(self.target_critic, next_obs, a, self._ws).min(0).values
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -373,6 +401,7 @@ class SACAgent:
             "act_generator": self.act_generator.get_state(),
             "terms": self.terms.state_dict() if self.terms is not None else {},
             "penalty": self.penalty.state_dict() if self.penalty is not None else {},
+            "target_penalty": self.target_penalty.state_dict() if self.target_penalty is not None else {},
         }
         return cpu_copy(state)
 
@@ -396,6 +425,8 @@ class SACAgent:
             self.terms.load_state_dict(state.get("terms", {}))
         if self.penalty is not None:
             self.penalty.load_state_dict(state.get("penalty", {}))
+        if self.target_penalty is not None:
+            self.target_penalty.load_state_dict(state.get("target_penalty", {}))
         self.step = int(state["step"])
         if self.actor_lr_steps and state.get("actor_lr_steps"):
             self.actor_lr_steps = int(state["actor_lr_steps"])  # the run's T, even if the config says otherwise
