@@ -10,13 +10,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 class UserError(Exception):
     """An error whose message is enough: printed as one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C would be: the same clean stop, exit code 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -27,6 +37,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         from dromo_ray.runtime.checkpoint import CheckpointError
 
         types.append(CheckpointError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from dromo_ray.tracking import TrackingError
+
+        types.append(TrackingError)
     except ImportError:  # pragma: no cover
         pass
     try:
@@ -300,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = _user_error_types()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         code = args.func(args)
     except errors as e:  # one line, exit 2
@@ -307,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(msg.split())  # one line, whatever the underlying library printed
         print(f"dromo-ray {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dromo-ray {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        hint = getattr(e, "resume_hint", "")
+        print(f"dromo-ray {args.command}: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return int(code or 0)
 
 

@@ -284,7 +284,10 @@ def build_report(experiment: str, tracking_uri: str, out: str | Path) -> dict[st
 
 
 def run(args: argparse.Namespace) -> int:
+    from dromo_ray.tracking import check_tracking_store
+
     uri = resolve_uri(args.tracking_uri)
+    check_tracking_store(uri, must_exist=True)  # a reader never creates an empty store
     rep = build_report(args.experiment, uri, args.out)
     if args.json:
         print(json.dumps(rep, indent=2))

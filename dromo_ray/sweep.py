@@ -82,6 +82,7 @@ from dromo_ray.core.config import (
     flatten,
     to_dict,
 )
+from dromo_ray.runtime.cluster import REPLAY_CPUS, Cluster, check_fits, fmt_resources, learner_gpus, start_ray
 
 SWEEP_KEYS = ("name", "base", "search", "seeds", "metric", "mode", "num_samples", "max_concurrent_trials",
               "max_failures", "scheduler", "searcher", "resources", "storage_path")
@@ -89,8 +90,6 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRIC_NAMESPACES = ("train/", "dynamics/", "eval/", "perf/", "rollout/", "replay/", "final/", "behavior/")
 NOT_SEARCHABLE = ("seed", "out_dir", "tracking.")
-REPLAY_CPUS = 0.01
-"""The replay actor's CPU request in runtime/driver.py; counted in the learner bundle."""
 META_FILE = "dromo_sweep.json"
 TRIAL_META = "dromo_trial.json"
 COMPLETE_KEY = "sweep/complete"
@@ -478,32 +477,6 @@ def _check_combinations(spec: SweepSpec) -> None:
 # Resources: one placement group per trial, derived from the runtime section.
 
 
-@dataclass
-class Cluster:
-    """What the Ray cluster offers: totals and the largest node."""
-
-    total: dict[str, float]
-    max_node: dict[str, float]
-
-    @classmethod
-    def from_ray(cls) -> Cluster:
-        import ray
-
-        total = {k: float(v) for k, v in ray.cluster_resources().items()}
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
-        max_node = {k: max(float(n.get(k, 0.0)) for n in nodes) for k in total} if nodes else dict(total)
-        return cls(total, max_node)
-
-
-def learner_gpus(cfg: ExperimentConfig, cluster_gpus: float) -> float:
-    """The learner's GPUs, as runtime/driver.py decides them (-1: one when the cluster has one)."""
-    if cfg.device == "cpu":
-        return 0.0
-    if cfg.runtime.learner_gpus >= 0:
-        return cfg.runtime.learner_gpus
-    return 1.0 if cluster_gpus >= 1 else 0.0
-
-
 def trial_bundles(cfg: ExperimentConfig, driver_cpus: float, cluster_gpus: float) -> list[dict[str, float]]:
     """Placement-group bundles of one trial: driver, learner, rollout workers, evaluators[, extra].
 
@@ -571,53 +544,11 @@ def check_resources(spec: SweepSpec, cluster: Cluster) -> list[dict[str, float]]
     """ConfigError naming the key when one trial cannot fit the cluster; returns the worst-case bundles."""
     cfg = _worst_case_config(spec)
     rt = cfg.runtime
-    gpus = cluster.total.get("GPU", 0.0)
-    if cfg.device == "cuda" and gpus < 1 and cfg.runtime.learner_gpus != 0:
-        raise ConfigError(f"device: cuda is requested but the cluster has no GPU ({_fmt_res(cluster.total)})")
-    bundles = trial_bundles(cfg, spec.driver_cpus, gpus)
-    need_gpu = sum(b.get("GPU", 0.0) for b in bundles)
-    if need_gpu > gpus + 1e-9:
-        raise ConfigError(f"runtime.learner_gpus: a trial needs {need_gpu:g} GPU but the cluster has {gpus:g}")
-    for section, res in (("runtime.learner_resources", rt.learner_resources),
-                         ("runtime.rollout_worker_resources", rt.rollout_worker_resources)):
-        for name in res:
-            if name not in cluster.total:
-                raise ConfigError(f"{section}.{name}: the cluster has no resource {name!r} "
-                                  f"(it has {_fmt_res(cluster.total)})")
-    for name in {k for b in bundles for k in b if k not in ("CPU", "GPU")}:
-        need = sum(b.get(name, 0.0) for b in bundles)
-        if need > cluster.total[name] + 1e-9:
-            section = ("runtime.learner_resources" if name in rt.learner_resources
-                       else "runtime.rollout_worker_resources")
-            raise ConfigError(f"{section}.{name}: a trial needs {need:g} but the cluster has {cluster.total[name]:g}")
-    cpus = cluster.total.get("CPU", 0.0)
-    need_cpu = sum(b.get("CPU", 0.0) for b in bundles)
-    if need_cpu > cpus + 1e-9:
-        parts = {
-            "resources.driver_cpus": spec.driver_cpus,
-            "runtime.learner_cpus": rt.learner_cpus,
-            ("runtime.rollout_worker_cpus" if rt.rollout_worker_cpus >= 1 or rt.num_rollout_workers == 1
-             else "runtime.num_rollout_workers"): rt.num_rollout_workers * rt.rollout_worker_cpus,
-            ("runtime.evaluator_cpus" if rt.evaluator_cpus >= 1 or rt.num_evaluators <= 1
-             else "runtime.num_evaluators"): rt.num_evaluators * rt.evaluator_cpus,
-            "runtime.dynamics_trainer_cpus": rt.dynamics_trainer_cpus * cfg.dynamics.num_trainers,
-        }
-        key = max(parts, key=lambda k: parts[k])
-        breakdown = " + ".join(f"{b.get('CPU', 0):g}" for b in bundles)
-        raise ConfigError(f"{key}: one trial needs {need_cpu:g} CPUs but the cluster has {cpus:g} (bundles: "
-                          f"driver, learner, {rt.num_rollout_workers} rollout workers, {rt.num_evaluators} evaluators"
-                          f"[, extra]: {breakdown}; see dromo_ray/sweep.py); lower the runtime CPUs "
-                          "(fractions are fine)")
-    biggest = max((b.get("CPU", 0.0) for b in bundles), default=0.0)
-    if biggest > cluster.max_node.get("CPU", cpus) + 1e-9:
-        raise ConfigError(f"runtime: a single actor needs {biggest:g} CPUs but no node has that many "
-                          f"(largest: {cluster.max_node.get('CPU', 0):g})")
+    bundles = trial_bundles(cfg, spec.driver_cpus, cluster.total.get("GPU", 0.0))
+    check_fits(cfg, cluster, bundles, driver_cpus=spec.driver_cpus, what="one trial",
+               layout=f"bundles: driver, learner, {rt.num_rollout_workers} rollout workers, {rt.num_evaluators} "
+               "evaluators[, extra]")
     return bundles
-
-
-def _fmt_res(res: dict[str, float]) -> str:
-    shown = {k: v for k, v in res.items() if not k.startswith(("node:", "memory", "object_store"))}
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "nothing"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1033,16 +964,6 @@ def artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def _start_ray() -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    return True
-
-
 def _create_parent(client: Any, spec: SweepSpec, experiment_id: str) -> str:
     tags = {"sweep.role": "parent", "sweep.name": spec.name, "sweep.file": str(spec.path),
             "sweep.experiment_dir": str(spec.experiment_dir)}
@@ -1166,7 +1087,7 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri = args.tracking_uri or cfg0.tracking.tracking_uri or default_tracking_uri(cfg0.out_dir)
         parent_run_id = ""
 
-    started = _start_ray()
+    started = start_ray()
     try:
         cluster = Cluster.from_ray()
         bundles = check_resources(spec, cluster)
@@ -1197,7 +1118,7 @@ def run(args: argparse.Namespace) -> int:
                               total_steps=cfg0.train.total_steps, interrupt=interrupt)
         print(f"sweep {spec.name}: {spec.expected_trials() or '?'} trials, each {len(bundles)} bundles "
               f"({sum(b.get('CPU', 0) for b in bundles):g} CPU, {sum(b.get('GPU', 0) for b in bundles):g} GPU) "
-              f"on {_fmt_res(cluster.total)}; {'resuming' if args.resume else 'starting'} in {exp_dir}",
+              f"on {fmt_resources(cluster.total)}; {'resuming' if args.resume else 'starting'} in {exp_dir}",
               file=out, flush=True)
         print(f"mlflow: {tracking_uri}  experiment {spec.tracking_experiment!r}  parent run {parent_run_id}",
               file=out, flush=True)

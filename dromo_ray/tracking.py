@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dromo_ray.core.config import ExperimentConfig, flatten, to_dict
+from dromo_ray.core.messages import plain_message
 
 MAX_PARAM_LEN = 6000
 
@@ -29,13 +30,63 @@ class Tracker(Protocol):
     def end(self, status: str = "FINISHED", reason: str = "") -> None: ...
 
 
-def default_tracking_uri(out_dir: str | Path) -> str:
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SERVER_TIMEOUT_S = 3.0
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be used (message names the URI); a user error, one line."""
+
+
+def default_tracking_uri(out_dir: str | Path, create: bool = True) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     db = Path(out_dir).resolve() / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def check_tracking_store(tracking_uri: str, *, must_exist: bool = False) -> None:
+    """Fail fast, with one line naming the URI, on a store that cannot work; changes nothing.
+
+    sqlite: an existing file must be an SQLite database (an empty file is one MLflow can initialise); with
+    ``must_exist`` (a reader such as ``report``) a missing one is an error instead of a new empty store.
+    http(s): one quick request to the server's ``/health`` (MLflow's client retries for minutes otherwise).
+    """
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        if db.is_dir():
+            raise TrackingError(f"tracking uri {tracking_uri}: {db} is a directory, not an SQLite database")
+        if db.exists():
+            try:
+                with db.open("rb") as f:
+                    head = f.read(len(SQLITE_MAGIC))
+            except OSError as e:
+                raise TrackingError(f"tracking uri {tracking_uri}: cannot read {db} ({e.strerror or e})") from None
+            if head and head != SQLITE_MAGIC:
+                raise TrackingError(f"tracking uri {tracking_uri}: {db} is not an SQLite database")
+        elif must_exist:
+            raise TrackingError(f"tracking uri {tracking_uri}: no MLflow store at {db}")
+        return
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=SERVER_TIMEOUT_S):  # noqa: S310 - the user's own URI
+                pass
+        except urllib.error.HTTPError:
+            return  # something answers (a proxy or an older server without /health): MLflow will say more
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise TrackingError(f"tracking uri {tracking_uri}: no MLflow server answers ({reason})") from None
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -47,7 +98,8 @@ def _artifact_location(tracking_uri: str) -> str | None:
 
 
 def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:
-    return cli_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.out_dir)
+    """The run's store; creates nothing (``train`` creates out_dir when it writes the run)."""
+    return cli_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.out_dir, create=False)
 
 
 def run_tags(cfg: ExperimentConfig, env_key: str) -> dict[str, str]:
@@ -130,7 +182,9 @@ class MlflowTracker:
         if self._ended:
             return
         if reason:
-            self.set_tags({"failure_reason": reason[:5000]})
+            self.set_tags({"failure_reason": plain_message(reason)[:5000]})
+        elif status == "FINISHED" and "failure_reason" in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, "failure_reason")  # a resumed run that finished did not fail
         self.client.set_terminated(self.run_id, status=status)
         self._ended = True
 

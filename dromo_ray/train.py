@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dromo_ray.config import dump_config, load_config
-from dromo_ray.core.config import ExperimentConfig
+from dromo_ray.core.config import ConfigError, ExperimentConfig
 from dromo_ray.tracking import (
     MlflowTracker,
+    check_tracking_store,
     config_params,
     learning_curve_png,
     resolve_tracking_uri,
@@ -34,6 +37,8 @@ class TrainSummary:
     algorithm: str
     dataset: str
     learner_device: str = "cpu"
+    resumed_from: int = 0
+    """The step this session started from (0: a new run); ``wall_s`` is this session's time."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -43,61 +48,158 @@ def _run_name(cfg: ExperimentConfig, env_key: str) -> str:
     return cfg.tracking.run_name or f"{cfg.agent.algorithm}-{env_key}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+@dataclass
+class ResumePlan:
+    """What ``--resume`` continues, decided before anything is written."""
+
+    checkpoint: dict[str, Any]
+    """The loaded, validated checkpoint (runtime/checkpoint.py ``load_checkpoint``)."""
+    run_dir: Path
+    mlflow_run_id: str | None
+
+
+def plan_resume(cfg: ExperimentConfig, resume: str | Path, run_dir: str | Path | None = None,
+                mlflow_run_id: str | None = None) -> ResumePlan:
+    """Find, load and check the checkpoint of ``--resume`` and the run directory it belongs to; writes nothing.
+
+    ``resume`` is a run directory, its ``checkpoints/`` directory, a checkpoint directory, its ``state.pt``, or
+    the name of a run under ``out_dir``. Without an explicit ``run_dir`` the run directory is the one the
+    checkpoint records (``run_dir`` in the state; older checkpoints: the name of the directory three levels up)
+    and the checkpoint must lie in it, as ``RUN/checkpoints/step_N/state.pt`` beside ``RUN/mlflow_run_id``:
+    a checkpoint anywhere else never makes its surroundings a run directory.
+    """
+    from dromo_ray.runtime.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    from dromo_ray.runtime.driver import check_compatible
+
+    if cfg.agent.algorithm == "cql_rllib":
+        raise ConfigError("cql_rllib: --resume is not supported (RLlib's CQL run restarts from scratch)")
+    target = Path(resume)
+    if not target.exists() and len(target.parts) == 1 and (Path(cfg.out_dir) / target).is_dir():
+        target = Path(cfg.out_dir) / target  # a run name under out_dir
+    ckpt_file = resolve_checkpoint(target)
+    state = load_checkpoint(ckpt_file)
+    check_compatible(cfg, state)
+    if run_dir is None:
+        home = ckpt_file.parent.parent.parent if ckpt_file.parent.parent.name == "checkpoints" else None
+        recorded = state.get("run_dir")
+        ok = home is not None and (home / "mlflow_run_id").is_file() and (
+            Path(recorded).name == home.name if recorded else (home / "config.yaml").is_file())
+        if not ok:
+            raise CheckpointError(f"{ckpt_file}: not inside the run directory it was written in "
+                                  f"({recorded or 'RUN'}/checkpoints/step_N/state.pt beside RUN/mlflow_run_id); "
+                                  "--resume continues a run in place: pass that run directory")
+        run_dir = home
+    run_dir = Path(run_dir)
+    id_file = run_dir / "mlflow_run_id"
+    return ResumePlan(state, run_dir, mlflow_run_id or (id_file.read_text().strip() if id_file.exists() else None))
+
+
+def _check_creatable(path: Path, key: str) -> None:
+    """ConfigError naming ``key`` when ``mkdir -p path`` cannot succeed; creates nothing."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{key}: cannot create {path} ({p} is not a directory)")
+            if p != path and not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}: cannot create {path} ({p} is not writable)")
+            return
+
+
+def _make_dirs(path: Path, key: str) -> Path | None:
+    """``mkdir -p path``; the topmost directory it created (None: all existed). ConfigError naming ``key``."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create {path} ({e.strerror or e})") from None
+    return missing[-1] if missing else None
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        d = run_dir / "checkpoints" / latest.read_text().strip()
+        if d.is_dir():
+            return d
+    return None
+
+
 def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str | None = None,
           progress: bool = True, extra_reporter: Any = None, parent_run_id: str | None = None,
           run_dir: str | Path | None = None, mlflow_run_id: str | None = None) -> TrainSummary:
-    """One tracked run. ``extra_reporter`` (e.g. Tune's) receives every report after MLflow."""
+    """One tracked run. ``extra_reporter`` (e.g. Tune's) receives every report after MLflow.
+
+    Everything that can reject the command (dataset, tracking store, checkpoint, its compatibility, the
+    cluster's resources) is checked before the first write; a rejected command changes nothing.
+    """
     import ray
 
     from dromo_ray.data.dataset import load_dataset
-    from dromo_ray.runtime.checkpoint import resolve_checkpoint
+    from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
     from dromo_ray.runtime.driver import RunFailed, run_experiment
 
     dataset = load_dataset(cfg.data.dataset, cfg.data.env or None)
     env_key = cfg.data.env or dataset.env_id
     uri = resolve_tracking_uri(cfg, tracking_uri)
-    if resume:
-        ckpt_file = resolve_checkpoint(resume)
-        run_dir = Path(run_dir) if run_dir else ckpt_file.parent.parent.parent
-        id_file = run_dir / "mlflow_run_id"
-        mlflow_run_id = mlflow_run_id or (id_file.read_text().strip() if id_file.exists() else None)
+    check_tracking_store(uri)
+    explicit_dir = run_dir is not None
+    plan = plan_resume(cfg, resume, run_dir, mlflow_run_id) if resume else None
+    if plan is not None:
+        run_dir, mlflow_run_id = plan.run_dir, plan.mlflow_run_id
     else:
         run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / _run_name(cfg, env_key)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+        if not explicit_dir and run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"tracking.run_name: {run_dir} already exists; continue it with --resume {run_dir} "
+                              "or choose another run name")
+    resumed_from = int(plan.checkpoint["driver"]["step"]) if plan is not None else 0
+    _check_creatable(run_dir, "out_dir")
 
-    tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name=run_dir.name, tags=run_tags(cfg, env_key),
-                            run_id=mlflow_run_id, parent_run_id=parent_run_id)
-    (run_dir / "mlflow_run_id").write_text(tracker.run_id)
-    tracker.log_params(config_params(cfg))
-    history: list[tuple[int, dict[str, float]]] = []
-    info: dict[str, Any] = {}
-
-    def report(metrics: dict[str, float], step: int, checkpoint: Path | None = None) -> None:
-        if metrics:
-            tracker.log_metrics(metrics, step)
-            history.append((step, dict(metrics)))
-        if extra_reporter is not None:
-            extra_reporter(metrics, step, checkpoint)
-
-    started_ray = not ray.is_initialized()
+    started_ray = start_ray()
     try:
-        if cfg.agent.algorithm == "cql_rllib":  # model-free CQL (RLlib) in the same comparison
-            from dromo_ray.behavior.cql_rllib import run_cql_rllib
+        if started_ray:  # inside a Tune trial the sweep has checked its placement group
+            check_run_fits(cfg, Cluster.from_ray())
+        created = _make_dirs(run_dir, "out_dir")
+        try:
+            tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name=run_dir.name,
+                                    tags=run_tags(cfg, env_key), run_id=mlflow_run_id, parent_run_id=parent_run_id)
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        dump_config(cfg, run_dir / "config.yaml")
+        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+        tracker.log_params(config_params(cfg))
+        history: list[tuple[int, dict[str, float]]] = []
+        info: dict[str, Any] = {}
 
-            result = run_cql_rllib(cfg, dataset, run_dir, reporter=report, resume=resume, progress=progress,
-                                   on_start=info.update)
-        else:
-            result = run_experiment(cfg, dataset, run_dir, reporter=report, resume=resume, progress=progress,
-                                    on_start=info.update)
-    except RunFailed as e:
-        tracker.end("FAILED", str(e))
-        raise
-    except BaseException as e:
-        # Ctrl-C and Tune stopping a trial (SystemExit from tune.report) are kills, not failures.
-        killed = isinstance(e, (KeyboardInterrupt, SystemExit))
-        tracker.end("KILLED" if killed else "FAILED", f"{type(e).__name__}: {e}")
-        raise
+        def report(metrics: dict[str, float], step: int, checkpoint: Path | None = None) -> None:
+            if metrics:
+                tracker.log_metrics(metrics, step)
+                history.append((step, dict(metrics)))
+            if extra_reporter is not None:
+                extra_reporter(metrics, step, checkpoint)
+
+        try:
+            if cfg.agent.algorithm == "cql_rllib":  # model-free CQL (RLlib) in the same comparison
+                from dromo_ray.behavior.cql_rllib import run_cql_rllib
+
+                result = run_cql_rllib(cfg, dataset, run_dir, reporter=report, resume=None, progress=progress,
+                                       on_start=info.update)
+            else:
+                result = run_experiment(cfg, dataset, run_dir, reporter=report,
+                                        resume=plan.checkpoint if plan is not None else None, progress=progress,
+                                        on_start=info.update)
+        except RunFailed as e:
+            tracker.end("FAILED", str(e))
+            raise
+        except BaseException as e:
+            # Ctrl-C, SIGTERM and Tune stopping a trial (SystemExit from tune.report) are kills, not failures.
+            killed = isinstance(e, (KeyboardInterrupt, SystemExit))
+            tracker.end("KILLED" if killed else "FAILED", f"{type(e).__name__}: {e}".rstrip(": "))
+            last = _latest_checkpoint(run_dir)
+            if killed and last is not None:
+                e.resume_hint = f"checkpoint {last} kept; continue with --resume {run_dir}"  # type: ignore[attr-defined]
+            raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
@@ -118,7 +220,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
         final_return=result.final_return, num_evaluations=len(result.evaluations), mlflow_run_id=tracker.run_id,
         tracking_uri=uri, run_dir=str(run_dir), checkpoint=str(result.checkpoint or ""),
         algorithm=cfg.agent.algorithm, dataset=cfg.data.dataset,
-        learner_device=str(info.get("learner_device", "cpu")),
+        learner_device=str(info.get("learner_device", "cpu")), resumed_from=resumed_from,
     )
 
 
@@ -126,8 +228,11 @@ def print_summary(summary: TrainSummary, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
         return
-    print(f"done: {summary.algorithm} on {summary.dataset}: {summary.steps} updates in {summary.wall_s:.1f}s "
-          f"on {summary.learner_device}")
+    session = summary.steps - summary.resumed_from
+    done = (f"{summary.steps} updates in {summary.wall_s:.1f}s" if not summary.resumed_from else
+            f"{summary.steps} updates ({session} in this session, resumed at step {summary.resumed_from}, "
+            f"{summary.wall_s:.1f}s)")
+    print(f"done: {summary.algorithm} on {summary.dataset}: {done} on {summary.learner_device}")
     print(f"  final normalized score (mean of last evaluations): {summary.final_normalized_score:.2f}"
           f"  (return {summary.final_return:.1f}, {summary.num_evaluations} evaluations)")
     print(f"  checkpoint:    {summary.checkpoint}")
@@ -158,6 +263,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dromo_ray.data.gym_env import evaluate_policy
     from dromo_ray.runtime.driver import load_policy_from_checkpoint
 
+    if args.episodes < 1:
+        from dromo_ray.cli import UserError
+
+        raise UserError(f"--episodes: expected a positive integer, got {args.episodes}")
     set_torch_threads(1)
     actor, env_key, _ = load_policy_from_checkpoint(args.checkpoint)
 

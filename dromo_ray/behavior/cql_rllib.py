@@ -149,8 +149,9 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
     total = int(cfg.train.total_steps)
     chunk = max(2, min(cfg.train.log_interval, cfg.train.eval_interval, total))
     data_dir = dataset_to_parquet(dataset, run_dir / "rllib_offline")
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from dromo_ray.runtime.cluster import start_ray
+
+    start_ray()
     for name in ("ray.rllib", "ray.data", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -234,10 +234,10 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
     _write_json(out / "index.json", index)
     writer = ReplayLogWriter(out / "replay.hdf5", metadata=run_meta)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 num_cpus=max(1, min(2, os.cpu_count() or 1)))
+    from dromo_ray.runtime.cluster import start_ray
+
+    started_ray = start_ray(configure_logging=True, logging_level=logging.ERROR,
+                            num_cpus=max(1, min(2, os.cpu_count() or 1)))
     logging.getLogger("ray.rllib").setLevel(logging.ERROR)
     algo = None
     t0 = time.perf_counter()

@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     set_torch_threads(1)
     algo = getattr(args, "algo", "dromo")
     cfg, dataset = _setup(algo, args.steps)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from dromo_ray.runtime.cluster import start_ray
+
+    started = start_ray()
     try:
         result = _measure(cfg, dataset, args.steps, A, build_density_state)
     finally:

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.pt"
+REQUIRED = {"driver": dict, "config": dict, "env": str, "dynamics": dict, "learner": dict, "replay": dict}
+"""Top-level keys of every runtime checkpoint and their types (runtime/driver.py ``checkpoint``)."""
+CONFIG_SECTIONS = ("agent", "dynamics", "runtime")
 
 
 class CheckpointError(ValueError):
@@ -97,6 +100,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{f}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "driver" not in state:
         raise CheckpointError(f"{f}: not a dromo_ray checkpoint")
+    bad = [k for k, tp in REQUIRED.items() if not isinstance(state.get(k), tp)]
+    if "config" not in bad:
+        bad += [f"config.{s}" for s in CONFIG_SECTIONS if not isinstance(state["config"].get(s), dict)]
+    if bad:
+        raise CheckpointError(f"{f}: not a complete dromo_ray checkpoint (missing or malformed: {', '.join(bad)})")
     state = _torch_to_numpy(state)
     state["path"] = str(f.parent)
     return state

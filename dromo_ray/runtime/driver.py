@@ -26,9 +26,11 @@ import torch
 from dromo_ray.core.config import ExperimentConfig, to_dict
 from dromo_ray.core.envs import get_env_spec
 from dromo_ray.core.learner import NonFiniteLossError, numpy_rng_state, set_numpy_rng_state
+from dromo_ray.core.messages import plain_message
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.runtime import actors as A
 from dromo_ray.runtime.checkpoint import load_checkpoint, save_checkpoint
+from dromo_ray.runtime.cluster import learner_gpus, start_ray
 
 
 class Reporter(Protocol):
@@ -39,6 +41,7 @@ class RunFailed(RuntimeError):
     """The run stopped; ``checkpoint`` (if any) resumes it."""
 
     def __init__(self, reason: str, checkpoint: Path | None = None) -> None:
+        reason = plain_message(reason)
         self.reason, self.checkpoint = reason, checkpoint
         hint = f" Resume from the last good checkpoint with --resume {checkpoint}" if checkpoint else ""
         super().__init__(reason + hint)
@@ -61,18 +64,12 @@ def _null_reporter(metrics: dict[str, float], step: int, checkpoint: Path | None
 
 
 def _ensure_ray(cfg: ExperimentConfig) -> None:
-    if not ray.is_initialized():
-        # RAY_ADDRESS (if set) attaches to an existing cluster; otherwise a local instance starts.
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+    # RAY_ADDRESS (if set) attaches to an existing cluster; otherwise a local, loopback-only instance starts.
+    start_ray()
 
 
 def _learner_gpus(cfg: ExperimentConfig) -> float:
-    if cfg.device == "cpu":
-        return 0.0
-    if cfg.runtime.learner_gpus >= 0:
-        return cfg.runtime.learner_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return learner_gpus(cfg, ray.cluster_resources().get("GPU", 0))
 
 
 def _split_members(total: int, parts: int) -> list[int]:
@@ -169,9 +166,12 @@ def build_density_state(cfg: ExperimentConfig, dataset: Any) -> dict[str, Any] |
 
 
 def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
-                   reporter: Reporter | None = None, resume: str | Path | None = None, progress: bool = True,
-                   on_start: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Run Algorithm 1 end to end; returns a :class:`RunResult` or raises :class:`RunFailed`."""
+                   reporter: Reporter | None = None, resume: str | Path | dict[str, Any] | None = None,
+                   progress: bool = True, on_start: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Run Algorithm 1 end to end; returns a :class:`RunResult` or raises :class:`RunFailed`.
+
+    ``resume``: a checkpoint path, or a checkpoint already loaded (and checked) by the caller.
+    """
     reporter = reporter or _null_reporter
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,9 +182,9 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     rng = np.random.default_rng(cfg.seed)
     dataset_ref = ray.put(dataset)
 
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt = resume if isinstance(resume, dict) else (load_checkpoint(resume) if resume else None)
     if ckpt is not None:
-        _check_compatible(cfg, ckpt)
+        check_compatible(cfg, ckpt)
         set_numpy_rng_state(rng, ckpt["driver"]["rng"])
         stage = {"dynamics": ckpt["dynamics"], "behavior": ckpt.get("behavior"), "metrics": {}}
         density_state = ckpt.get("density")
@@ -231,7 +231,7 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
         learner_state, replay_state = ray.get([learner.state_dict.remote(), replay.state_dict.remote()])
         state = {
             "driver": {"step": at, "round": round_idx, "evals": evals, "rng": numpy_rng_state(rng)},
-            "config": to_dict(cfg), "env": env_key,
+            "config": to_dict(cfg), "env": env_key, "run_dir": str(run_dir.resolve()),
             "dynamics": stage["dynamics"], "behavior": stage["behavior"], "density": density_state,
             "learner": learner_state, "replay": replay_state,
         }
@@ -340,7 +340,8 @@ def _next_multiple(step: int, k: int) -> int:
     return (step // k + 1) * k
 
 
-def _check_compatible(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> None:
+def check_compatible(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> None:
+    """ConfigError naming the key when ``cfg`` cannot continue ``ckpt`` (networks, ensemble, loop mode)."""
     old = ckpt["config"]
     for section, key in [("agent", "algorithm"), ("agent", "hidden_dims"), ("dynamics", "ensemble_size"),
                          ("dynamics", "hidden_dims"), ("runtime", "synchronous")]:
@@ -364,10 +365,15 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def load_policy_from_checkpoint(path: str | Path) -> tuple[TanhGaussianActor, str, dict[str, Any]]:
     """The current policy of a checkpoint (for ``dromo-ray evaluate``)."""
+    from dromo_ray.runtime.checkpoint import CheckpointError
+
     state = load_checkpoint(path)
-    spec = get_env_spec(state["env"])
-    hidden = tuple(state["config"]["agent"]["hidden_dims"])
-    actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, hidden)
-    agent_state = state["learner"]["agent"]
-    actor.load_state_dict(agent_state["actor"])
+    try:
+        spec = get_env_spec(state["env"])
+        hidden = tuple(state["config"]["agent"]["hidden_dims"])
+        actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, hidden)
+        actor.load_state_dict(state["learner"]["agent"]["actor"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a well-formed file with the wrong contents
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise CheckpointError(f"{state['path']}: no policy in this checkpoint ({what})") from None
     return actor.eval(), state["env"], state
