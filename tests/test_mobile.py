@@ -277,6 +277,8 @@ def test_presets_hold_the_published_settings(env: str):
     assert (a.actor_lr, a.critic_lr, a.entropy_lr, a.gamma, a.tau, a.batch_size) == (1e-4, 3e-4, 1e-4, 0.99, 0.005,
                                                                                       256)
     assert (a.effective_alpha(), a.effective_beta()) == (0.0, 0.0)
+    assert (a.mobile_penalty_form, a.actor_lr_schedule) == ("next_value", "cosine")
+    assert d.weight_decay == (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4) and d.recalibrate is False
     assert (d.ensemble_size, d.num_elites, d.hidden_dims, d.learning_rate) == (7, 5, (200, 200, 200, 200), 1e-3)
     assert (d.holdout_ratio, d.max_holdout, d.bootstrap, d.max_epochs, d.max_epochs_since_update) == (
         0.2, 1000, True, want["max_epochs"], 5)
