@@ -1,6 +1,6 @@
 """``dromo-ray demo``: the whole pipeline on local Ray with an embedded MLflow store, on CPU, in minutes.
 
-1. collect a small Hopper dataset with the real Gymnasium v5 environment;
+1. collect a small dataset with the shipped medium behaviour policy in the real Gymnasium v5 environment;
 2. train the dynamics ensemble on parallel Ray actors (and pi^beta beside them);
 3. run DROMO with every actor kind present: rollout workers, the replay actor, the learner, an evaluator;
 4. evaluate in the real environment, record everything in MLflow, print the score and how to look at it.
@@ -17,6 +17,8 @@ from dromo_ray.config import dump_config
 from dromo_ray.core.config import config_from_dict
 
 DEMO_STEPS = 3000
+DEMO_ENV = "halfcheetah"
+DEMO_ROWS = 20_000
 
 
 def demo_config(dataset: str, out_dir: str, seed: int, steps: int) -> dict[str, Any]:
@@ -25,7 +27,7 @@ def demo_config(dataset: str, out_dir: str, seed: int, steps: int) -> dict[str, 
         "seed": seed,
         "device": "auto",
         "out_dir": out_dir,
-        "data": {"dataset": dataset, "env": "hopper"},
+        "data": {"dataset": dataset, "env": DEMO_ENV},
         "dynamics": {"ensemble_size": 5, "num_elites": 3, "hidden_dims": [128, 128, 128], "max_epochs": 25,
                      "num_trainers": 2, "batch_size": 256},
         "agent": {"algorithm": "dromo", "hidden_dims": [128, 128], "batch_size": 128, "f": 0.5, "alpha": 1.0,
@@ -41,36 +43,63 @@ def demo_config(dataset: str, out_dir: str, seed: int, steps: int) -> dict[str, 
     }
 
 
+def collect_demo_data(env: str, path: Path, rows: int, seed: int) -> tuple[str, float]:
+    """``rows`` transitions of the shipped ``env`` medium policy (sampled actions, as the suite collects), written
+    to ``path``; returns the policy's name and the data's D4RL normalized score. Without a shipped medium policy
+    for ``env``, random actions."""
+    from dromo_ray.data.d4rl_io import write_d4rl
+    from dromo_ray.data.errors import DatasetError
+    from dromo_ray.data.gym_env import collect_transitions
+    from dromo_ray.data.info import dataset_info
+    from dromo_ray.data.policy_io import load_policy
+    from dromo_ray.data.shipped import shipped_policy
+
+    try:
+        entry = shipped_policy(env, "medium")
+        policy: Any = load_policy(entry["path"], deterministic=False, seed=seed)
+        name = f"shipped {env} medium policy ({entry['checkpoint']})"
+    except DatasetError:
+        policy, name = "random", "random actions (no shipped medium policy)"
+    ds = collect_transitions(env, policy, rows, seed=seed, progress=False, policy_name=name)
+    write_d4rl(ds, path, metadata={"demo_policy": name})
+    return name, float(dataset_info(ds)["normalized_score"])
+
+
 def run(args: argparse.Namespace) -> int:
-    from dromo_ray.cli import main as cli_main
     from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.data.d4rl_io import read_d4rl
+    from dromo_ray.data.info import dataset_info
     from dromo_ray.train import train
 
     set_torch_threads(1)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "hopper_random-v5.hdf5"
+    data = out / f"{DEMO_ENV}_medium_demo-v5.hdf5"
     if not data.exists():
-        print(f"[1/4] collecting 20,000 Hopper-v5 transitions (random policy) -> {data}")
-        code = cli_main(["collect", "--env", "hopper", "--policy", "random", "--steps", "20000",
-                         "--out", str(data), "--seed", str(args.seed)])
-        if code:
-            return code
+        print(f"[1/4] collecting {DEMO_ROWS:,} {DEMO_ENV} transitions with the shipped medium policy -> {data}")
+        name, behaviour = collect_demo_data(DEMO_ENV, data, DEMO_ROWS, args.seed)
     else:
         print(f"[1/4] reusing {data}")
+        ds = read_d4rl(data, env=DEMO_ENV)
+        name, behaviour = str(ds.metadata.get("demo_policy", "")), float(dataset_info(ds)["normalized_score"])
+    print(f"      behaviour data: {name}, D4RL normalized score {behaviour:.1f}")
     cfg = config_from_dict(demo_config(str(data), str(out / "runs"), args.seed, args.steps or DEMO_STEPS))
     dump_config(cfg, out / "demo_config.yaml")
     print(f"[2/4] config written to {out / 'demo_config.yaml'}")
-    print("[3/4] training dynamics ensemble + DROMO on local Ray (rollout workers, replay, learner, evaluator)")
+    print(f"[3/4] training the dynamics ensemble + {cfg.agent.algorithm.upper()} on local Ray (rollout workers, "
+          "replay, learner, evaluator)")
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     summary = train(cfg, tracking_uri=tracking_uri, progress=not args.json)
     print("[4/4] done")
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps({**summary.to_dict(), "behavior_normalized_score": behaviour}, indent=2))
         return 0
-    print(f"  normalized score (D4RL, mean of last {cfg.train.final_score_last_n} evaluations): "
-          f"{summary.final_normalized_score:.2f}   return {summary.final_return:.1f}")
-    print(f"  {summary.steps} DROMO updates in {summary.wall_s:.0f}s on {summary.learner_device}")
+    curve = "  ".join(f"{step}: {score:.1f}" for step, score in summary.eval_curve)
+    print(f"  learned policy, D4RL normalized score by update:  {curve}")
+    print(f"  final (mean of last {cfg.train.final_score_last_n} evaluations): {summary.final_normalized_score:.1f} "
+          f"(return {summary.final_return:.1f})   behaviour data: {behaviour:.1f}")
+    print(f"  {summary.steps} {cfg.agent.algorithm.upper()} updates in {summary.wall_s:.0f}s on "
+          f"{summary.learner_device}")
     print(f"  mlflow run id: {summary.mlflow_run_id}")
     print(f"  checkpoint:    {summary.checkpoint}")
     if tracking_uri.startswith("sqlite:"):

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class TrainSummary:
     learner_device: str = "cpu"
     resumed_from: int = 0
     """The step this session started from (0: a new run); ``wall_s`` is this session's time."""
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    """(learner update, D4RL normalized score) of every evaluation of the run, in order."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -221,6 +223,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
         tracking_uri=uri, run_dir=str(run_dir), checkpoint=str(result.checkpoint or ""),
         algorithm=cfg.agent.algorithm, dataset=cfg.data.dataset,
         learner_device=str(info.get("learner_device", "cpu")), resumed_from=resumed_from,
+        eval_curve=[(int(e["step"]), float(e.get("eval/normalized_score", float("nan"))))
+                    for e in result.evaluations],
     )
 
 

@@ -157,3 +157,14 @@ def test_mlflow_tags_name_the_mujoco_model():
 
     cfg = config_from_dict({"data": {"dataset": "walker2d-medium-v2"}})
     assert run_tags(cfg, "walker2d")["env_model"] == "Walker2d-v5 (walker2d.xml)"
+
+
+def test_mujoco_warnings_go_to_logging_not_the_console_or_cwd(tmp_path, monkeypatch, capfd):
+    from dromo_ray.data.gym_env import make_env
+
+    monkeypatch.chdir(tmp_path)
+    env = make_env("halfcheetah")  # MuJoCo 4 warns about half_cheetah.xml's settotalmass attribute
+    assert float(env.unwrapped.model.body_mass.sum()) == pytest.approx(14.0)  # the attribute still applies
+    env.close()
+    assert "settotalmass" not in capfd.readouterr().err
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

@@ -6,12 +6,14 @@ A policy here is an ``ActFn``: observations ``(n, D_o)`` float32 numpy -> action
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 
 from dromo_ray.core.envs import EnvSpec, get_env_spec
@@ -29,8 +31,25 @@ def env_spec(env_key: str) -> EnvSpec:
         raise ValueError(str(e.args[0])) from None
 
 
+_LOG = logging.getLogger("dromo_ray.mujoco")
+
+
+def _mujoco_warning(message: str) -> None:
+    _LOG.info("MuJoCo: %s", message.strip())
+
+
+def _route_mujoco_warnings() -> None:
+    """MuJoCo's default warning handler prints to stderr and appends to ./MUJOCO_LOG.TXT in whatever directory the
+    user stands in; route its warnings to the ``dromo_ray.mujoco`` logger instead (MuJoCo 4 warns, for one, that
+    HalfCheetah's ``settotalmass="14"`` compiler attribute is deprecated; it is still applied: the model's total
+    mass is 14)."""
+    if mujoco.get_mju_user_warning() is not _mujoco_warning:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
 def gym_make(spec: EnvSpec, max_episode_steps: int = 1000) -> gym.Env:
     """The one place a real environment is built: ``gym.make`` of the spec's id and MuJoCo model."""
+    _route_mujoco_warnings()
     kwargs = {} if spec.xml_file is None else {"xml_file": spec.xml_file}
     return gym.make(spec.gym_id, max_episode_steps=int(max_episode_steps), **kwargs)
 

@@ -147,10 +147,17 @@ def ship_checkpoint(run_dir: str | os.PathLike, part: str, checkpoint: str | Non
         ckpt = matches[0]
     else:
         ckpt = choose_checkpoint(index, env, part)
+    st = None
+    if part == "medium":  # the replay log must reach the checkpoint before anything is written
+        st = torch.load(run_dir / "state" / "state.pt", map_location="cpu", weights_only=True)
+        if int(st["size"]) < int(ckpt["env_steps"]):
+            raise DatasetError(str(run_dir / "state" / "state.pt"), f"the saved state holds {st['size']} rows, the "
+                               f"checkpoint needs {ckpt['env_steps']} (the run saves every few minutes: ship again "
+                               "after its next save)")
     directory.mkdir(parents=True, exist_ok=True)
     fname = f"{env}_{part}.pt"
+    ev = evaluate_policy_file(run_dir / ckpt["policy"], env, episodes, eval_seed)
     shutil.copyfile(run_dir / ckpt["policy"], directory / fname)
-    ev = evaluate_policy_file(directory / fname, env, episodes, eval_seed)
     cfg = index["config"]
     entry: dict[str, Any] = {
         "env": env, "part": part, "gym_id": index["gym_id"], "env_model": index.get("env_model", index["gym_id"]),
@@ -167,13 +174,9 @@ def ship_checkpoint(run_dir: str | os.PathLike, part: str, checkpoint: str | Non
                                           "stochastic_return_std", "eval_episodes", "eval_seed")},
         "versions": versions(),
     }
-    if part == "medium":
-        st = torch.load(run_dir / "state" / "state.pt", map_location="cpu", weights_only=True)
+    if st is not None:
         rows = int(ckpt["env_steps"])
         buf = st["buffer"]
-        if int(st["size"]) < rows:
-            raise DatasetError(str(run_dir / "state" / "state.pt"), f"buffer holds {st['size']} rows, the "
-                               f"checkpoint needs {rows}")
         done = buf["done"][:rows].numpy() > 0.5
         ends = np.flatnonzero(done | buf["timeout"][:rows].numpy())
         rname = f"{env}_medium_replay_actions.npz"
