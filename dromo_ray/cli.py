@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except errors as e:  # one line, exit 2
         msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
-        msg = " ".join(msg.split())  # one line, whatever the underlying library printed
+        from dromo_ray.core.messages import plain_message
+
+        msg = " ".join(plain_message(msg).split())  # one line, whatever the underlying library printed
         print(f"dromo-ray {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
