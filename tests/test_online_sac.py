@@ -168,3 +168,44 @@ def test_mujoco_warnings_go_to_logging_not_the_console_or_cwd(tmp_path, monkeypa
     env.close()
     assert "settotalmass" not in capfd.readouterr().err
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
+# ---- the policies shipped inside the package ------------------------------------------------------------
+
+
+def _shipped():
+    from dromo_ray.data.shipped import manifest
+
+    return sorted(manifest()["policies"].items())
+
+
+@pytest.mark.parametrize("name,entry", _shipped(), ids=[k for k, _ in _shipped()])
+def test_shipped_policy_loads_and_scores_in_its_band(name, entry):
+    """A short sampled-action evaluation (3 episodes, the manifest's own evaluation seed) lands inside the band of
+    the manifest's 10-episode figure: fails if the file, the environment or MuJoCo changed."""
+    from dromo_ray.data.gym_env import evaluate_policy
+    from dromo_ray.data.policy_io import load_policy
+    from dromo_ray.data.shipped import D4RL_V2_BEHAVIOR, MEDIUM_BAND, shipped_policy
+
+    e = shipped_policy(entry["env"], entry["part"])
+    blob = torch.load(e["path"], map_location="cpu", weights_only=True)
+    assert blob["format"] == "dromo_ray.policy/1" and blob["meta"]["env_key"] == entry["env"]
+    for k in ("env_steps", "seed", "command", "versions", "recipe", "return_std", "stochastic_return_std"):
+        assert k in entry
+    if entry["part"] == "medium":
+        target = D4RL_V2_BEHAVIOR[(entry["env"], "medium")]
+        assert abs(entry["stochastic_normalized_score"] - target) <= MEDIUM_BAND
+        assert entry["replay_rows"] == entry["env_steps"]
+    res = evaluate_policy(load_policy(e["path"], deterministic=False, seed=entry["eval_seed"]), entry["env"],
+                          episodes=3, seed=entry["eval_seed"])
+    band = max(3.0 * entry["stochastic_return_std"], 0.05 * abs(entry["stochastic_return_mean"]))
+    assert abs(res.mean_return - entry["stochastic_return_mean"]) <= band
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", [k.split("-")[0] for k, e in _shipped() if e["part"] == "medium"])
+def test_shipped_medium_replay_regenerates_bitwise(env):
+    from dromo_ray.data.shipped import medium_replay
+
+    ds = medium_replay(env)  # raises if the observations' digest differs from the training run's
+    assert ds.terminals.sum() + ds.timeouts.sum() >= 1
