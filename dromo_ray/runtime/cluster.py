@@ -44,6 +44,9 @@ def start_ray(address: str | None = None, **kwargs: Any) -> bool:
         os.environ[_SINGLE_NODE_ENV] = "0"  # Ray's child processes read it at import
         ray_constants.ENABLE_RAY_CLUSTER = False  # this process already imported it
         opts["_node_ip_address"] = "127.0.0.1"
+        # Token auth stays on (Ray's default for a new local instance), but said explicitly: Ray then creates the
+        # token without printing its "Token authentication is enabled" notice. A user's own RAY_AUTH_MODE wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     opts.update(kwargs)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
