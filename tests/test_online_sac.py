@@ -209,3 +209,19 @@ def test_shipped_medium_replay_regenerates_bitwise(env):
 
     ds = medium_replay(env)  # raises if the observations' digest differs from the training run's
     assert ds.terminals.sum() + ds.timeouts.sum() >= 1
+
+
+@pytest.mark.parametrize("key,v4", [("hopper", "Hopper-v4"), ("halfcheetah", "HalfCheetah-v4"),
+                                    ("walker2d", "Walker2d-v4")])
+def test_every_env_is_built_with_the_v4_mujoco_model(key, v4):
+    """The MDP D4RL's data came from: our v5 envs carry the v2-v4 model arrays exactly (walker2d through
+    walker2d.xml). What v5 still changes is in the reward code: hopper and walker2d pay no healthy bonus on the
+    terminal step (Gymnasium's v5 changelog), documented in SUITE.md."""
+    import gymnasium as gym
+
+    from dromo_ray.data.gym_env import make_env
+
+    ours, ref = make_env(key).unwrapped.model, gym.make(v4).unwrapped.model
+    for field in ("geom_friction", "body_mass", "body_inertia", "dof_damping", "actuator_gear", "geom_size"):
+        assert np.array_equal(getattr(ours, field), getattr(ref, field)), field
+    assert ours.opt.timestep == ref.opt.timestep
