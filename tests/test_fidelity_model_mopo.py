@@ -275,8 +275,8 @@ def test_rollout_worker_uses_all_members_for_mopo(algorithm, all_members):
                             "dynamics": {"ensemble_size": 3, "num_elites": 2, "hidden_dims": [8]}})
     model = EnsembleDynamics(11, 3, cfg.dynamics, generator=torch.Generator().manual_seed(0))
     actor = TanhGaussianActor(11, 3, (8,))
-    w = RolloutWorker(0, cfg, "hopper", model.state_dict(), SimpleNamespace(observations=np.zeros((4, 11))),
-                      actor.state_dict())
+    w = RolloutWorker(0, cfg, "hopper", {"dynamics": model.state_dict(), "policy": actor.state_dict(),
+                                         "dataset": SimpleNamespace(observations=np.zeros((4, 11)))})
     assert w.model_env.all_members is all_members and w.model_env.penalty == "max_aleatoric"
 
 

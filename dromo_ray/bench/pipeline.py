@@ -91,7 +91,8 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
     policy = ray.get(learner.policy_states.remote())["target"]
     Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus)
     max_workers = rt.num_rollout_workers
-    workers = [Worker.remote(i, cfg, "hopper", dyn_ref, data_ref, policy, replay) for i in range(max_workers)]
+    inputs = {"dynamics": dyn_ref, "dataset": data_ref, "policy": ray.put(policy)}
+    workers = [Worker.remote(i, cfg, "hopper", inputs, replay) for i in range(max_workers)]
     out: dict[str, Any] = {"learner_device": ray.get(learner.device_name.remote())}
 
     # 3. rollout throughput against the number of workers (also fills D_model for 1. and 2.)

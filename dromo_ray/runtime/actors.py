@@ -137,9 +137,19 @@ class RolloutWorker:
     transitions for every policy publish and pushes them to the replay actor, paced by the learner.
     """
 
-    def __init__(self, worker_index: int, cfg: ExperimentConfig, env_key: str, dynamics_state: dict[str, Any],
-                 dataset: Any, policy_state: dict[str, Any], replay: Any = None) -> None:
+    def __init__(self, worker_index: int, cfg: ExperimentConfig, env_key: str, inputs: dict[str, Any],
+                 replay: Any = None) -> None:
+        """``inputs``: {"dynamics": state, "dataset": D, "policy": target-policy state}, each value or an ObjectRef
+        (refs nested in the dict are fetched here: a restartable actor's own arguments stay small)."""
         set_torch_threads(cfg.runtime.torch_threads)
+        import ray
+
+        keys = ("dynamics", "dataset", "policy")
+        values = [inputs[k] for k in keys]
+        refs = [i for i, v in enumerate(values) if isinstance(v, ray.ObjectRef)]
+        for i, v in zip(refs, ray.get([values[i] for i in refs]), strict=True):
+            values[i] = v
+        dynamics_state, dataset, policy_state = values
         from dromo_ray.core.model_env import ModelEnv
 
         spec = get_env_spec(env_key)

@@ -209,8 +209,11 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     policies = ray.get(learner.policy_states.remote())
     Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus, resources=rt.rollout_worker_resources,
                       max_restarts=rt.max_worker_restarts)
-    workers = [Worker.remote(i, cfg, env_key, dyn_ref, dataset_ref, policies["target"], replay)
-               for i in range(rt.num_rollout_workers)]
+    # The large constructor inputs travel as refs nested in a dict (the worker gets them itself), so that no
+    # constructor argument of a restartable actor lives in the object store; the driver holds the refs for the
+    # whole run, so a restarted worker finds them.
+    worker_inputs = {"dynamics": dyn_ref, "dataset": dataset_ref, "policy": ray.put(policies["target"])}
+    workers = [Worker.remote(i, cfg, env_key, worker_inputs, replay) for i in range(rt.num_rollout_workers)]
     Eval = A.remote(A.Evaluator, num_cpus=rt.evaluator_cpus)
     evaluators = [Eval.remote(env_key, cfg.agent.hidden_dims, cfg.train.max_episode_steps)
                   for _ in range(rt.num_evaluators)]
