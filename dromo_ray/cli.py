@@ -29,28 +29,19 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+_ERROR_TYPES = (("dromo_ray.core.config", "ConfigError"), ("dromo_ray.runtime.checkpoint", "CheckpointError"),
+                ("dromo_ray.tracking", "TrackingError"), ("dromo_ray.data.errors", "DatasetError"))
+"""Library errors that are user errors (module, class)."""
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from dromo_ray.core.config import ConfigError
-
-    types: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
-    try:
-        from dromo_ray.runtime.checkpoint import CheckpointError
-
-        types.append(CheckpointError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from dromo_ray.tracking import TrackingError
-
-        types.append(TrackingError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from dromo_ray.data.errors import DatasetError
-
-        types.append(DatasetError)
-    except ImportError:  # pragma: no cover - data layer always present in a full install
-        pass
+    """The user-error types of the modules imported so far: an exception of one of them can only have been raised
+    if its module was imported, so nothing is imported here (an error costs no torch or MLflow import)."""
+    types: list[type[BaseException]] = [UserError, FileNotFoundError]
+    for module, name in _ERROR_TYPES:
+        cls = getattr(sys.modules.get(module), name, None)  # (None while not imported, or half-imported)
+        if cls is not None:
+            types.append(cls)
     return tuple(types)
 
 
@@ -98,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("info", help="transitions, episodes, returns and normalized score of a dataset")
     q.add_argument("dataset", help="HDF5 path, D4RL name (hopper-medium-v2) or minari:<id>")
     q.add_argument("--env", default=None, help="environment key, when the name does not say it")
+    q.add_argument("--allow-unbounded-actions", action="store_true", help="load a dataset whose actions leave "
+                   "[-1, 1] (an error otherwise; train: data.allow_unbounded_actions)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("dromo_ray.data.info"))
 
@@ -313,29 +306,41 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    errors = _user_error_types()
+    """Run one command. Ctrl-C (130) and SIGTERM (143) are one line and a clean stop from the first statement
+    on: the handler is installed, and the ``try`` entered, before any heavy import (parsing is light; the error
+    types and the command's module import torch, Ray, MLflow, ...). SIGTERM raises :class:`Terminated` where
+    Ctrl-C raises ``KeyboardInterrupt``, so the cleanup that handles one (atomic writes remove their temporary
+    file, :mod:`dromo_ray.core.files`; a run records itself killed) handles both."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    command = None
     try:
-        code = args.func(args)
-    except errors as e:  # one line, exit 2
-        msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
-        from dromo_ray.core.messages import plain_message
+        args = build_parser().parse_args(argv)
+        command = args.command
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            raise
+        except _user_error_types() as e:  # one line, exit 2
+            msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
+            from dromo_ray.core.messages import plain_message
 
-        msg = " ".join(plain_message(msg).split())  # one line, whatever the underlying library printed
-        print(f"dromo-ray {args.command}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            msg = " ".join(plain_message(msg).split())  # one line, whatever the underlying library printed
+            print(f"dromo-ray {command}: error: {msg}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated), at any point, imports included
         what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         hint = getattr(e, "resume_hint", "")
-        print(f"dromo-ray {args.command}: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        prog = f"dromo-ray {command}" if command else "dromo-ray"
+        print(f"{prog}: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return code
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    return int(code or 0)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

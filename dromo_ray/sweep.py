@@ -585,7 +585,7 @@ def _env_key(cfg: ExperimentConfig) -> str:
         return cfg.data.env
     from dromo_ray.data.dataset import load_dataset
 
-    return load_dataset(cfg.data.dataset).env_id
+    return load_dataset(cfg.data.dataset, allow_unbounded_actions=cfg.data.allow_unbounded_actions).env_id
 
 
 def find_trial_run(client: Any, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:

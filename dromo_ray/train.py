@@ -140,7 +140,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
     from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
     from dromo_ray.runtime.driver import RunFailed, run_experiment
 
-    dataset = load_dataset(cfg.data.dataset, cfg.data.env or None)
+    dataset = load_dataset(cfg.data.dataset, cfg.data.env or None,
+                           allow_unbounded_actions=cfg.data.allow_unbounded_actions)
     env_key = cfg.data.env or dataset.env_id
     uri = resolve_tracking_uri(cfg, tracking_uri)
     check_tracking_store(uri)

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from dromo_ray.core.files import atomic_path
+
 Reporter = Callable[..., None]
 _RLLIB_TRAIN_KEYS = {"policy_loss": "train/actor_loss", "alpha_value": "train/entropy_coef",
                      "qf_mean": "train/q_data", "cql_loss": "train/cql_loss", "alpha_loss": "train/alpha_loss"}
@@ -63,9 +65,8 @@ def dataset_to_parquet(ds: Any, directory: str | Path, row_group_size: int = 65_
         "terminateds": pa.array(np.asarray(ds.terminals, dtype=bool)),
         "truncateds": pa.array(np.asarray(ds.timeouts, dtype=bool)),
     })
-    tmp = directory / ".data.parquet.tmp"
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    tmp.replace(directory / "data.parquet")
+    with atomic_path(directory / "data.parquet") as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
     return directory
 
 

@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from dromo_ray.core.files import write_text_atomic
+
 PARTS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 SUITE_TAG = "v5"
 """Version suffix of the suite's dataset names: the Gymnasium v5 environments it is made with."""
@@ -403,9 +405,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
         if status != "skipped (exists)" or "wall_s" not in old:  # keep the time it took to make
             entry["wall_s"] = round(time.perf_counter() - t0, 2)
         manifest["parts"][part] = {**manifest["parts"].get(part, {}), **entry}
-        tmp = manifest_path.with_name(".suite.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, manifest_path)
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
         if log is not None:
             log(f"{part:<14} {status:<22} {entry['transitions']:>9} rows  return "
                 f"{_fmt(entry['return_mean'])}  normalized {_fmt(entry['normalized_score'])}")

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from dromo_ray.core.files import write_text_atomic
+
 INDEX_FORMAT = "dromo_ray.behavior_index/1"
 
 
@@ -168,9 +170,7 @@ def versions() -> dict[str, str]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False))
 
 
 def _learner_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dromo_ray.bench.common import emit
+from dromo_ray.bench.common import check_at_least, emit
 from dromo_ray.core.threads import set_torch_threads
 
 
@@ -85,10 +85,9 @@ def measure_rllib(env: str, steps: int, batch: int, warmup: int, fragment: int =
 
 
 def run(args: argparse.Namespace) -> int:
-    from dromo_ray.cli import UserError
-
-    if args.steps < 1 or args.batch < 1 or args.warmup < 1:
-        raise UserError("--steps, --batch and --warmup must be >= 1")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 1),
+                                 ("--rllib-steps", args.rllib_steps, 0), ("--rllib-fragment", args.rllib_fragment, 1)):
+        check_at_least(flag, value, minimum)
     set_torch_threads(1)
     result: dict[str, Any] = {"env": args.env, "batch": args.batch, "torch_threads": 1}
     backends = ("sac", "rllib") if args.backend == "both" else (args.backend,)

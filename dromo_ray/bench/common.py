@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from typing import Any
@@ -55,12 +56,34 @@ def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The benchmark's device; a CUDA request without a usable GPU is a one-line user error, not a traceback."""
-    device = torch.device(name or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from dromo_ray.cli import UserError
+def _user_error(msg: str) -> Exception:
+    from dromo_ray.cli import UserError
 
+    return UserError(msg)
+
+
+def check_at_least(flag: str, value: float | None, minimum: float, *, exclusive: bool = False) -> None:
+    """A one-line user error naming ``flag`` unless ``value`` is a finite number >= ``minimum`` (> when
+    ``exclusive``); None (the flag's default meaning "automatic") passes."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > minimum if exclusive else value >= minimum)
+    if not ok:
+        raise _user_error(f"{flag}: must be {'>' if exclusive else '>='} {minimum:g}, got {value:g}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The benchmark's device: ``cpu``, ``cuda`` or ``cuda:N``. Anything else, or a CUDA request without that
+    GPU, is a one-line user error, not a traceback."""
+    try:
+        device = torch.device(name or "cpu")
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise _user_error(f"--device {name}: unknown device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         built = "with" if torch.backends.cuda.is_built() else "without"
-        raise UserError(f"--device {name}: no usable CUDA GPU (torch {torch.__version__} was built {built} CUDA)")
+        raise _user_error(f"--device {name}: no usable CUDA GPU (torch {torch.__version__} was built {built} CUDA)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise _user_error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dromo_ray.bench.common import device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
+from dromo_ray.bench.common import check_at_least, device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
 from dromo_ray.core.config import AgentConfig, DynamicsConfig
 from dromo_ray.core.dynamics import DynamicsTrainer, EnsembleDynamics, normalizer_stats
 from dromo_ray.core.envs import ENVS, halfcheetah_termination
@@ -135,6 +135,8 @@ def bench_model_env(device: torch.device, cfg: DynamicsConfig, seconds: float, b
 
 
 def run(args: argparse.Namespace) -> int:
+    check_at_least("--seconds", getattr(args, "seconds", None), 0, exclusive=True)
+    check_at_least("--threads", getattr(args, "threads", None), 0)
     device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     threads = int(getattr(args, "threads", 0) or 0) or (os.cpu_count() or 1)
     set_torch_threads(threads)

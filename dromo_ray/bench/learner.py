@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dromo_ray.bench.common import device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
+from dromo_ray.bench.common import check_at_least, device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
 from dromo_ray.core.agents import make_agent
 from dromo_ray.core.config import AgentConfig, DynamicsConfig
 from dromo_ray.core.density import KDEDensity
@@ -137,6 +137,10 @@ def peak_gflops(device: torch.device, tries: int = 3) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_at_least("--steps", args.steps, 1)
+    check_at_least("--batch", args.batch, 2)  # (f = 0.5 splits it between D and D_model)
+    check_at_least("--threads", args.threads, 0)
+    resolve_device(args.device)
     threads = args.threads if args.threads > 0 else (os.cpu_count() or 1)
     set_torch_threads(threads)
     device = resolve_device(args.device)

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import torch
 
-from dromo_ray.bench.common import emit
+from dromo_ray.bench.common import check_at_least, emit
 
 
 def _setup(algo: str, steps: int) -> tuple[Any, Any]:
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from dromo_ray.runtime import actors as A
     from dromo_ray.runtime.driver import build_density_state
 
+    check_at_least("--steps", args.steps, 1)
     set_torch_threads(1)
     algo = getattr(args, "algo", "dromo")
     cfg, dataset = _setup(algo, args.steps)

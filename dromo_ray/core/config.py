@@ -31,6 +31,9 @@ class DataConfig:
     ``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``, or ``minari:<dataset id>`` from the local Minari root."""
     env: str = ""
     """Environment key (``hopper``, ``halfcheetah``, ``walker2d``); inferred from the dataset when empty."""
+    allow_unbounded_actions: bool = False
+    """Load a dataset whose actions leave the action box [-1, 1] (an error otherwise: D4RL's locomotion actions
+    are bounded, so such a file is usually the wrong one); the agents' tanh policies cannot produce them."""
 
     def validate(self) -> None:
         if not self.dataset:
@@ -225,6 +228,9 @@ class AgentConfig:
         for name in ("gamma", "tau", "f"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"agent.{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.tau == 0:
+            raise ConfigError("agent.tau: must be > 0 (with 0 the target networks never move; 1 copies them "
+                              "every update)")
         if self.gamma >= 1.0:
             raise ConfigError("agent.gamma: must be < 1")
         if not 0.0 <= self.mopo_entropy_quantile <= 1.0:

@@ -7,7 +7,8 @@ Layout (D4RL's)::
     infos/<name> (N, ...)            optional per-row arrays (qpos, qvel, next_qpos, next_qvel, ...)
     metadata/<name>                  optional scalars and strings (nested groups become ``a/b`` keys)
 
-Episodes are contiguous; one ends after a row flagged in ``terminals`` or ``timeouts``.
+Episodes are contiguous; one ends after a row flagged in ``terminals`` or ``timeouts``. A row flagged both is
+read as terminal (no bootstrap; :func:`dromo_ray.data.dataset.terminal_wins`), with a warning.
 
 Next observations at episode ends. With ``next_observations`` in the file it is used as is (and checked
 against ``observations[i + 1]`` inside episodes). Without it, the next observation of row i is
@@ -20,9 +21,9 @@ dropped terminal/timeout row is marked as a timeout (the episode, as kept, was c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ import h5py
 import numpy as np
 
 from dromo_ray.core.envs import EnvSpec
-from dromo_ray.data.dataset import OfflineDataset, resolve_env
+from dromo_ray.core.files import atomic_path
+from dromo_ray.data.dataset import OfflineDataset, check_action_box, resolve_env, terminal_wins
 from dromo_ray.data.errors import DatasetError
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -46,33 +48,51 @@ _CHUNK = 1 << 18
 # Reading
 
 
-def read_d4rl(path: str | os.PathLike, env: str | None = None, name: str | None = None) -> OfflineDataset:
+def read_d4rl(path: str | os.PathLike, env: str | None = None, name: str | None = None,
+              allow_unbounded_actions: bool = False) -> OfflineDataset:
     """Read and validate a D4RL-format HDF5 file.
 
     ``env`` names the environment (registry key or Gymnasium id); when None it is inferred from
     ``metadata/env_key`` (or ``env``/``env_id``), then from ``name`` or the file name. Every problem raises
-    one :class:`DatasetError` naming the file, the key and the problem.
+    one :class:`DatasetError` naming the file, the key and the problem: among them a file this user may not
+    read, arrays larger than the memory available (checked from their declared shapes before any is read),
+    actions outside [-1, 1] unless ``allow_unbounded_actions``
+    (:func:`~dromo_ray.data.dataset.check_action_box`). Rows flagged both terminal and timeout are read as
+    terminal (:func:`~dromo_ray.data.dataset.terminal_wins`).
     """
     path = Path(path)
     src = str(path)
-    if not path.exists():
-        raise DatasetError(src, "file does not exist")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DatasetError(src, "file does not exist") from None
+    except PermissionError:
+        raise DatasetError(src, "permission denied: a directory on the path cannot be searched by this user "
+                           "(check its permissions)") from None
     if path.is_dir():
         raise DatasetError(src, "is a directory, expected a D4RL-format HDF5 file")
-    if path.stat().st_size == 0:
+    if not os.access(path, os.R_OK):
+        raise DatasetError(src, "permission denied: the file is not readable by this user (check its "
+                           "permissions)")
+    if st.st_size == 0:
         raise DatasetError(src, "file is empty (0 bytes)")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
+        if e.errno == errno.EACCES or "Permission denied" in str(e):
+            raise DatasetError(src, "permission denied: the file is not readable by this user") from None
         raise DatasetError(src, f"not an HDF5 file, or truncated/corrupt ({_short(e)})") from None
     with f:
-        arrays = {k: _read_array(f, k, src) for k in REQUIRED_KEYS}
+        objs = {k: _array(f, k, src) for k in REQUIRED_KEYS}
         has_next = "next_observations" in f
         if has_next:
-            arrays["next_observations"] = _read_array(f, "next_observations", src)
+            objs["next_observations"] = _array(f, "next_observations", src)
+        n = int(objs["observations"].shape[0]) if objs["observations"].ndim else 0
+        info_objs = _info_arrays(f, n)
+        check_fits_in_memory({**objs, **{f"infos/{k}": v for k, v in info_objs.items()}}, src)
+        arrays = {k: _read(obj, k, src) for k, obj in objs.items()}
         metadata = _read_metadata(f, src)
-        n = int(arrays["observations"].shape[0]) if arrays["observations"].ndim else 0
-        infos = _read_infos(f, n, src)
+        infos = {k: _read(v, f"infos/{k}", src) for k, v in info_objs.items()}
 
     obs, act = arrays["observations"], arrays["actions"]
     for key in ("observations", "actions") + (("next_observations",) if has_next else ()):
@@ -95,11 +115,14 @@ def read_d4rl(path: str | os.PathLike, env: str | None = None, name: str | None 
     for key in ("observations", "actions", "rewards") + (("next_observations",) if has_next else ()):
         _check_finite(arrays[key], key, src)
     terminals = _boolean(arrays["terminals"], "terminals", src)
-    timeouts = _boolean(arrays["timeouts"], "timeouts", src)
+    timeouts, both = terminal_wins(terminals, _boolean(arrays["timeouts"], "timeouts", src), src)
+    if both:
+        metadata = {**metadata, "terminal_and_timeout_rows": both}
 
     hints = [metadata.get(k) for k in ("env_key", "env", "env_id", "env_name")] + [name, path.stem]
     spec = resolve_env(env, *hints, obs_dim=obs.shape[1], source=src)
     check_dims(spec, obs.shape[1], act.shape[1], src)
+    check_action_box(act, spec, src, allow_unbounded_actions)
 
     ends = terminals | timeouts
     starts = np.empty(n, dtype=bool)
@@ -172,7 +195,8 @@ def _short(e: BaseException) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
-def _read_array(f: h5py.File, key: str, src: str) -> np.ndarray:
+def _array(f: h5py.File, key: str, src: str) -> h5py.Dataset:
+    """The numeric dataset ``key`` (not read yet)."""
     if key not in f:
         raise DatasetError(src, "missing required key", key)
     obj = f[key]
@@ -180,10 +204,59 @@ def _read_array(f: h5py.File, key: str, src: str) -> np.ndarray:
         raise DatasetError(src, "is a group, expected an array", key)
     if obj.dtype.kind not in "biuf":
         raise DatasetError(src, f"has non-numeric dtype {obj.dtype}, expected numbers", key)
+    return obj
+
+
+def _read(obj: h5py.Dataset, key: str, src: str) -> np.ndarray:
     try:
         return np.asarray(obj[()])
     except (OSError, ValueError, RuntimeError) as e:
         raise DatasetError(src, f"cannot be read; truncated or corrupt file? ({_short(e)})", key) from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get: Linux ``MemAvailable`` (capped by a cgroup v2 limit when
+    there is one), else free physical pages; None when the system does not say."""
+    avail: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int((cg / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+def check_fits_in_memory(arrays: dict[str, h5py.Dataset], src: str, available: int | None = None) -> None:
+    """DatasetError, before anything is read, when the declared arrays need more bytes than are available
+    (``available``: default :func:`available_memory`). Loading copies some of them: this is a lower bound."""
+    sizes = {k: int(np.prod(a.shape, dtype=np.float64)) * a.dtype.itemsize for k, a in arrays.items()}
+    total = sum(sizes.values())
+    avail = available_memory() if available is None else available
+    if avail is None or total <= avail:
+        return
+    big = max(sizes, key=lambda k: sizes[k])
+    a = arrays[big]
+    raise DatasetError(src, f"too large for this machine: {big} alone declares shape {tuple(a.shape)} "
+                       f"{a.dtype} = {_gb(sizes[big])}, the arrays together {_gb(total)}, but only {_gb(avail)} "
+                       "of memory is available", big)
 
 
 def _check_finite(a: np.ndarray, key: str, src: str) -> None:
@@ -205,19 +278,15 @@ def _boolean(a: np.ndarray, key: str, src: str) -> np.ndarray:
     return a.astype(bool)
 
 
-def _read_infos(f: h5py.File, n: int, src: str) -> dict[str, np.ndarray]:
-    """Every numeric ``infos/...`` array with N rows; others are ignored."""
-    out: dict[str, np.ndarray] = {}
+def _info_arrays(f: h5py.File, n: int) -> dict[str, h5py.Dataset]:
+    """Every numeric ``infos/...`` array with N rows (not read yet); others are ignored."""
+    out: dict[str, h5py.Dataset] = {}
     if "infos" not in f or not isinstance(f["infos"], h5py.Group):
         return out
 
     def visit(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "biuf" and obj.shape[:1] == (n,):
-            try:
-                out[name] = np.asarray(obj[()])
-            except (OSError, ValueError, RuntimeError) as e:
-                raise DatasetError(src, f"cannot be read; truncated or corrupt file? ({_short(e)})",
-                                   f"infos/{name}") from None
+            out[name] = obj
 
     f["infos"].visititems(visit)
     return out
@@ -256,7 +325,7 @@ def write_d4rl(ds: OfflineDataset, path: str | os.PathLike, metadata: dict[str, 
     """Write ``ds`` in D4RL layout (with ``next_observations``, ``infos/*`` and ``metadata/*``).
 
     Atomic: written to a temporary file in the same directory, then renamed over ``path``; on any failure
-    (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
+    (Ctrl-C and SIGTERM included; :mod:`dromo_ray.core.files`) the temporary file is removed and ``path`` is untouched.
     ``metadata/env_key`` records the registry key so that the file names its environment.
     """
     path = Path(path)
@@ -264,23 +333,18 @@ def write_d4rl(ds: OfflineDataset, path: str | os.PathLike, metadata: dict[str, 
     meta = {**ds.metadata, **(metadata or {}), "env_key": ds.env_id}
     meta.pop("dropped_rows", None)
     meta.pop("dropped_terminal_rows", None)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # same directory: os.replace is atomic
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("observations", data=ds.observations)
-            f.create_dataset("actions", data=ds.actions)
-            f.create_dataset("rewards", data=ds.rewards)
-            f.create_dataset("next_observations", data=ds.next_observations)
-            f.create_dataset("terminals", data=ds.terminals)
-            f.create_dataset("timeouts", data=ds.timeouts)
-            for k, v in ds.infos.items():
-                f.create_dataset(f"infos/{k}", data=v)
-            for k, v in meta.items():
-                f.create_dataset(f"metadata/{k}", data=_h5_scalar(v))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    meta.pop("terminal_and_timeout_rows", None)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("observations", data=ds.observations)
+        f.create_dataset("actions", data=ds.actions)
+        f.create_dataset("rewards", data=ds.rewards)
+        f.create_dataset("next_observations", data=ds.next_observations)
+        f.create_dataset("terminals", data=ds.terminals)
+        f.create_dataset("timeouts", data=ds.timeouts)
+        for k, v in ds.infos.items():
+            f.create_dataset(f"infos/{k}", data=v)
+        for k, v in meta.items():
+            f.create_dataset(f"metadata/{k}", data=_h5_scalar(v))
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,10 @@ from dromo_ray.data.errors import DatasetError
 
 STD_FLOOR = 1e-3
 """Lower bound of ``obs_std``: constant observation dims must not blow up normalisation."""
+ACTION_BOUND = 1.0
+"""Actions of Hopper-v5, HalfCheetah-v5 and Walker2d-v5 (and of D4RL's locomotion datasets) lie in [-1, 1]."""
+ACTION_BOUND_ATOL = 1e-5
+"""Slack of the action-box check (float rounding of actions clipped to exactly +-1)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,8 +218,12 @@ def d4rl_filenames(name: str) -> list[str]:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return (os.sep in spec or "/" in spec or spec.endswith((".hdf5", ".h5")) or spec.startswith(".")
-            or Path(spec).exists())
+    if os.sep in spec or "/" in spec or spec.endswith((".hdf5", ".h5")) or spec.startswith("."):
+        return True
+    try:
+        return Path(spec).exists()
+    except OSError:  # e.g. permission denied: a path, which read_d4rl reports
+        return True
 
 
 def resolve_env(env: str | None, *hints: str | None, obs_dim: int | None = None,
@@ -242,29 +251,64 @@ def resolve_env(env: str | None, *hints: str | None, obs_dim: int | None = None,
                        f"pass --env ({', '.join(ENVS)})", "env")
 
 
-def load_dataset(spec: str, env: str | None = None) -> OfflineDataset:
+def check_action_box(actions: np.ndarray, spec: EnvSpec, source: str, allow_unbounded: bool = False) -> None:
+    """Actions (N, D_a) must lie in the action box [-1, 1] (within :data:`ACTION_BOUND_ATOL`) unless
+    ``allow_unbounded``: a file with larger actions is most likely not a dataset of this environment."""
+    if allow_unbounded or actions.size == 0:
+        return
+    mag = np.abs(actions)
+    bad = mag > ACTION_BOUND + ACTION_BOUND_ATOL
+    if bad.any():
+        row, dim = (int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(source, f"actions leave the action box [-1, 1] of {spec.gym_id}: |a| reaches "
+                           f"{float(mag.max()):.4g} ({int(bad.any(axis=1).sum())} rows, the first is row {row}, "
+                           f"dim {dim}); D4RL locomotion actions are bounded, so this is probably the wrong file. "
+                           "To load it anyway set data.allow_unbounded_actions: true (data info: "
+                           "--allow-unbounded-actions)", "actions")
+
+
+def terminal_wins(terminals: np.ndarray, timeouts: np.ndarray, source: str) -> tuple[np.ndarray, int]:
+    """``timeouts`` with the rows that are also ``terminals`` cleared, and how many there were.
+
+    A row flagged both ended the episode by termination, and a terminated transition is not bootstrapped
+    whether or not the time limit came at the same step: the terminal wins (Gymnasium's ``terminated``
+    overrides ``truncated``; D4RL's ``qlearning_dataset`` reads ``done`` from ``terminals``; the collectors of
+    this package record such a step as terminal only). A warning says how many rows were resolved so.
+    """
+    both = terminals & timeouts
+    k = int(both.sum())
+    if k:
+        warnings.warn(f"{source}: {k} rows are flagged both terminal and timeout (first at row "
+                      f"{int(np.argmax(both))}); read as terminal (no bootstrap), the timeout flag dropped",
+                      stacklevel=3)
+        timeouts = timeouts & ~terminals
+    return timeouts, k
+
+
+def load_dataset(spec: str, env: str | None = None, allow_unbounded_actions: bool = False) -> OfflineDataset:
     """Load a dataset from a D4RL-format HDF5 path, a D4RL name or ``minari:<dataset id>``.
 
     D4RL names (``hopper-medium-v2``) are looked up as ``hopper_medium-v2.hdf5`` in ``$D4RL_DATASET_DIR``
     or ``~/.d4rl/datasets``; Minari ids in ``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``. Nothing is
     downloaded. ``env`` (a registry key or Gymnasium id) overrides the environment otherwise inferred from
-    the file's metadata or name. Every problem raises one :class:`DatasetError`.
+    the file's metadata or name. Actions outside [-1, 1] are an error unless ``allow_unbounded_actions``
+    (:func:`check_action_box`). Every problem raises one :class:`DatasetError`.
     """
     spec = str(spec)
     if spec.startswith("minari:"):
         from dromo_ray.data.minari_io import load_minari
 
-        return load_minari(spec[len("minari:"):], env=env)
+        return load_minari(spec[len("minari:"):], env=env, allow_unbounded_actions=allow_unbounded_actions)
 
     from dromo_ray.data.d4rl_io import read_d4rl
 
     if _looks_like_path(spec):
-        return read_d4rl(spec, env=env)
+        return read_d4rl(spec, env=env, allow_unbounded_actions=allow_unbounded_actions)
     root = d4rl_dataset_dir()
     candidates = [root / f for f in d4rl_filenames(spec)]
     for path in candidates:
         if path.exists():
-            return read_d4rl(path, env=env, name=spec)
+            return read_d4rl(path, env=env, name=spec, allow_unbounded_actions=allow_unbounded_actions)
     tried = ", ".join(p.name for p in dict.fromkeys(candidates))
     raise DatasetError(spec, f"no such file, and no D4RL dataset named so in {root} (looked for {tried}); "
                        "nothing is downloaded: place the file there or set $D4RL_DATASET_DIR")

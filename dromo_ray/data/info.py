@@ -62,6 +62,7 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = dataset_info(load_dataset(args.dataset, env=args.env))
+    info = dataset_info(load_dataset(args.dataset, env=args.env,
+                                     allow_unbounded_actions=getattr(args, "allow_unbounded_actions", False)))
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

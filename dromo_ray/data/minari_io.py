@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dromo_ray.data.d4rl_io import check_dims
-from dromo_ray.data.dataset import OfflineDataset, resolve_env
+from dromo_ray.data.dataset import OfflineDataset, check_action_box, resolve_env, terminal_wins
 from dromo_ray.data.errors import DatasetError
 
 _ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]/)?[-_\w]+?-v\d+$")
@@ -121,8 +121,10 @@ def write_minari(ds: OfflineDataset, dataset_id: str, max_episode_steps: int | N
     return final
 
 
-def load_minari(dataset_id: str, env: str | None = None) -> OfflineDataset:
-    """Load the local Minari dataset ``dataset_id`` into an :class:`OfflineDataset` (validated)."""
+def load_minari(dataset_id: str, env: str | None = None, allow_unbounded_actions: bool = False) -> OfflineDataset:
+    """Load the local Minari dataset ``dataset_id`` into an :class:`OfflineDataset` (validated as
+    :func:`~dromo_ray.data.d4rl_io.read_d4rl` validates: actions in [-1, 1] unless ``allow_unbounded_actions``,
+    a step both terminated and truncated read as terminated)."""
     src = f"minari:{dataset_id}"
     check_dataset_id(dataset_id)
     path = minari_root() / dataset_id
@@ -172,16 +174,21 @@ def load_minari(dataset_id: str, env: str | None = None) -> OfflineDataset:
             raise DatasetError(src, "contains NaN or inf", key)
     spec = resolve_env(env, *hints, obs_dim=obs.shape[1], source=src)
     check_dims(spec, obs.shape[1], act.shape[1], src)
+    check_action_box(act, spec, src, allow_unbounded_actions)
+    terminals = np.concatenate(term_l).astype(bool)
+    timeouts, both = terminal_wins(terminals, np.concatenate(trunc_l).astype(bool), src)
     infos: dict[str, np.ndarray] = {}
     for k in sorted(info_keys or ()):
         infos[k] = np.concatenate([ep.infos[k][:-1] for ep in episodes])
         infos[f"next_{k}"] = np.concatenate([ep.infos[k][1:] for ep in episodes])
     metadata = dict(meta.get("dromo_ray") or {})
     metadata.update(minari_dataset_id=dataset_id, minari_version=str(meta.get("minari_version", "")))
+    if both:
+        metadata["terminal_and_timeout_rows"] = both
     return OfflineDataset(
         observations=obs, actions=act, rewards=np.concatenate(rew_l),
-        next_observations=np.concatenate(next_l), terminals=np.concatenate(term_l),
-        timeouts=np.concatenate(trunc_l), episode_starts=np.concatenate(start_l),
+        next_observations=np.concatenate(next_l), terminals=terminals,
+        timeouts=timeouts, episode_starts=np.concatenate(start_l),
         env_id=spec.key, source=src, metadata=metadata, infos=infos,
     )
 

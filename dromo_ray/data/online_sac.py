@@ -45,6 +45,7 @@ import torch
 
 from dromo_ray.core.agents.sac import SACAgent
 from dromo_ray.core.config import AgentConfig
+from dromo_ray.core.files import atomic_path, write_text_atomic
 from dromo_ray.core.types import Batch, MixedBatch
 from dromo_ray.data.dataset import OfflineDataset
 from dromo_ray.data.errors import DatasetError
@@ -148,9 +149,7 @@ def versions() -> dict[str, str]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 class _Stop(Exception):
@@ -258,9 +257,8 @@ class OnlineSAC:
     def save_state(self) -> None:
         path = self.out / "state" / "state.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".state.pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
 
     # ------------------------------------------------------------------------------------------------------
     def _add(self, obs: np.ndarray, act: np.ndarray, rew: float, next_obs: np.ndarray, term: bool,
@@ -526,11 +524,10 @@ def save_replay_actions(path: str | os.PathLike, env_key: str, actions: np.ndarr
     """The compact replay log: actions (N, D_a) float32 and the seed, compressed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, actions=np.asarray(actions, np.float32),
-                        meta=np.array(json.dumps({"format": ACTIONS_FORMAT, "env": env_key, "seed": int(seed),
-                                                  **(meta or {})})))
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:  # (np.savez adds .npz to other names)
+        np.savez_compressed(tmp, actions=np.asarray(actions, np.float32),
+                            meta=np.array(json.dumps({"format": ACTIONS_FORMAT, "env": env_key, "seed": int(seed),
+                                                      **(meta or {})})))
     return path
 
 

@@ -12,7 +12,6 @@ Any policy (a DROMO actor, an RLlib SAC module converted to a TanhGaussianActor)
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dromo_ray.core.files import atomic_path
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.data.errors import DatasetError
 
@@ -42,14 +42,8 @@ def save_policy(path: str | os.PathLike, actor: TanhGaussianActor, obs_mean: np.
         "obs_std": None if obs_std is None else torch.as_tensor(obs_std, dtype=torch.float32),
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

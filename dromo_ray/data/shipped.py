@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dromo_ray.core.files import write_text_atomic
 from dromo_ray.data.errors import DatasetError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -186,7 +187,5 @@ def ship_checkpoint(run_dir: str | os.PathLike, part: str, checkpoint: str | Non
                      replay_observations_sha256=observations_digest(buf["obs"][:rows].numpy()))
     data = manifest(directory)
     data["policies"][key(env, part)] = entry
-    tmp = directory / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / "manifest.json")
+    write_text_atomic(directory / "manifest.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
     return entry

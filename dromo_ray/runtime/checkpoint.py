@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dromo_ray.core.files import write_text_atomic
+
 STATE_FILE = "state.pt"
 REQUIRED = {"driver": dict, "config": dict, "env": str, "dynamics": dict, "learner": dict, "replay": dict}
 """Top-level keys of every runtime checkpoint and their types (runtime/driver.py ``checkpoint``)."""
@@ -69,9 +71,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / "latest")
+    write_text_atomic(root / "latest", final.name)
     old = sorted(p for p in root.glob("step_*") if p.is_dir())
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
