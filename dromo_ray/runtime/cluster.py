@@ -44,9 +44,12 @@ def start_ray(address: str | None = None, **kwargs: Any) -> bool:
         os.environ[_SINGLE_NODE_ENV] = "0"  # Ray's child processes read it at import
         ray_constants.ENABLE_RAY_CLUSTER = False  # this process already imported it
         opts["_node_ip_address"] = "127.0.0.1"
-        # Token auth stays on (Ray's default for a new local instance), but said explicitly: Ray then creates the
-        # token without printing its "Token authentication is enabled" notice. A user's own RAY_AUTH_MODE wins.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Token auth stays Ray's default for a new local instance (on); only its console notice ("Token
+        # authentication is enabled for this Ray cluster...") is kept off the user's screen. Setting RAY_AUTH_MODE
+        # here instead would desynchronise this process's cached Ray config from its children's.
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     opts.update(kwargs)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
