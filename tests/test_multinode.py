@@ -1,13 +1,21 @@
 """A real multi-node Ray cluster on this machine: head (learner_node) + two rollout nodes, an MLflow server on
 127.0.0.1, ``ray job submit`` of a tiny ``dromo-ray train``; actors land where their resources say; a rollout
-node removed mid-run leaves the run to finish on what remains. Everything is torn down by the session ids this
-test started (never ``ray stop``, which would kill other Ray instances on the machine).
+node removed mid-run leaves the run to finish on what remains.
 
-Slow (several minutes on 2 cores): ``pytest -m slow tests/test_multinode.py``.
+Teardown stops what this test started by its own ids, never by name (never ``ray stop``, which would kill other
+Ray instances on the machine): every process it starts is a session leader with a marker in its environment
+that all descendants inherit (Ray's daemons, workers and job drivers, MLflow's workers; also one that leaves the
+session). Every step is bounded in time, a failing step does not stop the next, and the fixture asserts that no
+process of the test survives. The whole test is bounded by pytest-timeout (``signal`` method, so the teardown
+still runs).
+
+Slow (several minutes on 2 cores): ``pytest -m slow tests/test_multinode.py``. The teardown mechanism itself is
+checked by a fast test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TINY = Path(__file__).resolve().parents[1] / "tune_configs" / "tiny_hopper_dromo.yaml"
 
 
@@ -42,24 +49,118 @@ def _free_port_block(n: int = 220) -> int:
     raise RuntimeError("no free port block")
 
 
+MARK = "DROMO_TEST_PROCESSES"
+"""Environment variable that marks the processes of one test (its value is the test's token)."""
+
+
+class Processes:
+    """The processes one test started, found by its own id (Linux ``/proc``): :data:`MARK` with the test's token
+    in the environment, which every descendant inherits, also one that calls ``setsid`` (``also``: or a command
+    line containing one of these strings). Each :meth:`popen` is a session leader, so that one node's processes
+    can be told apart (``find(session=...)``). A pid alone is never trusted: it may have been reused."""
+
+    def __init__(self, token: str, also: tuple[str, ...] = ()) -> None:
+        self.token = token
+        self._mark = f"{MARK}={token}".encode()
+        self.also = tuple(a.encode() for a in also)
+        self.children: list[subprocess.Popen] = []
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        return {**(os.environ if base is None else base), MARK: self.token}
+
+    def popen(self, args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+        """Start ``args`` in a new session, marked; recorded before anything can fail."""
+        p = subprocess.Popen(args, env=self.env(env), start_new_session=True, **kwargs)
+        self.children.append(p)
+        return p
+
+    def find(self, session: int | None = None) -> list[int]:
+        """Live (not zombie) pids of this test; of one session only when ``session`` is given."""
+        self._reap()
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == os.getpid():
+                continue
+            try:
+                state, _, _, sid = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[:4]
+                if state in ("Z", "X") or (session is not None and int(sid) != session):
+                    continue
+                if (self._mark in Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
+                        or any(a in Path(f"/proc/{d}/cmdline").read_bytes() for a in self.also)):
+                    out.append(int(d))
+            except (OSError, ValueError):  # gone meanwhile, or not ours to read
+                continue
+        return out
+
+    def _reap(self) -> None:
+        self.children = [p for p in self.children if p.poll() is None]  # exited children: zombies until reaped
+
+    def stop(self, pids: list[int], grace: float = 10.0) -> list[int]:
+        """SIGTERM ``pids``, SIGKILL what is left after ``grace`` s; returns what is still alive 5 s later."""
+        def alive(ps: list[int]) -> list[int]:
+            self._reap()
+            live = []
+            for pid in ps:
+                try:
+                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                        live.append(pid)
+                except (OSError, IndexError):
+                    pass
+            return live
+
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            for pid in alive(pids):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while alive(pids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return alive(pids)
+
+    def stop_all(self, budget: float = 60.0, grace: float = 10.0) -> list[str]:
+        """Stop every process of the test within about ``budget`` s (rounds, for processes started meanwhile;
+        ``grace`` s between SIGTERM and SIGKILL); returns a description of the survivors (empty: none)."""
+        deadline = time.monotonic() + budget
+        interrupted: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
+                pids = self.find()
+                if not pids:
+                    break
+                self.stop(pids, grace=max(0.5, min(grace, deadline - time.monotonic() - 6)))
+            except BaseException as e:  # noqa: BLE001 - e.g. pytest-timeout firing now: finish stopping first
+                interrupted = interrupted or e
+        survivors = [describe(pid) for pid in self.find()]
+        if interrupted is not None:
+            raise interrupted
+        return survivors
+
+
+def describe(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        cmd = "?"
+    return f"{pid} {cmd[:200]}"
+
+
 class Cluster:
     def __init__(self, root: Path) -> None:
-        import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
         from ray._private.services import get_node_ip_address
 
         self.root = root
         # Ray's socket paths must stay under 107 bytes: its temp dirs live under a short /tmp name.
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="drmn", dir="/tmp"))
         self.token = secrets.token_hex(32)
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1"}
+        self.procs = Processes(self.token[:16], also=(f"{self.ray_tmp}/",))
+        self.env = self.procs.env({**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                                   "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1"})
         self.ip = get_node_ip_address()
         self.base = _free_port_block()
         self.gcs = self.base
         self.dash = self.base + 10
         self.address = f"{self.ip}:{self.gcs}"
         self.sessions: dict[str, int] = {}
-        self.mlflow: subprocess.Popen | None = None
 
     def _ports(self, base: int) -> list[str]:
         return ["--node-manager-port", str(base), "--object-manager-port", str(base + 1),
@@ -68,12 +169,12 @@ class Cluster:
                 "--min-worker-port", str(base + 100), "--max-worker-port", str(base + 199)]
 
     def start_node(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "w")
-        p = subprocess.Popen(["ray", "start", "--temp-dir", str(self.ray_tmp / name), "--object-store-memory",
-                              "100000000", "--disable-usage-stats", *args], env=self.env, cwd=self.root,
-                             start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.root / f"{name}.log", "w") as log:
+            p = self.procs.popen(["ray", "start", "--temp-dir", str(self.ray_tmp / name), "--object-store-memory",
+                                  "100000000", "--disable-usage-stats", *args], env=self.env, cwd=self.root,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        self.sessions[name] = p.pid  # (the teardown stops it whatever happens next)
         rc = p.wait(timeout=180)
-        self.sessions[name] = p.pid
         assert rc == 0, (self.root / f"{name}.log").read_text()[-2000:]
 
     def start(self) -> None:
@@ -89,12 +190,12 @@ class Cluster:
 
     def start_mlflow(self) -> str:
         port = self.base + 20
-        self.mlflow = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            cwd=self.root, start_new_session=True, stdout=open(self.root / "mlflow.log", "w"),
-            stderr=subprocess.STDOUT)
+        with open(self.root / "mlflow.log", "w") as log:
+            self.procs.popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                 "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                 "--artifacts-destination", str(self.root / "artifacts")],
+                cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         uri = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -108,13 +209,14 @@ class Cluster:
 
     def ray_cli(self, *args: str, timeout: float = 120) -> str:
         """Run a ``ray`` CLI command; on timeout its whole process group is killed (no hung pipes)."""
-        p = subprocess.Popen(["ray", *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+        p = self.procs.popen(["ray", *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
+            self.procs.stop(self.procs.find(session=p.pid), grace=0)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a grandchild elsewhere may hold the pipes
+                p.communicate(timeout=10)
             raise
         assert p.returncode == 0, out + err
         return out
@@ -140,56 +242,64 @@ class Cluster:
         raise AssertionError(f"node {name} not found")
 
     def kill_session(self, sid: int, grace: float = 10) -> None:
-        import psutil
+        """Stop one node: the processes of the session its ``ray start`` began (daemons, workers)."""
+        left = self.procs.stop(self.procs.find(session=sid), grace=grace)
+        assert not left, [describe(pid) for pid in left]
 
-        procs = set()
-        for q in psutil.process_iter():
-            try:
-                if os.getsid(q.pid) == sid:
-                    procs.add(q)
-                    procs.update(q.children(recursive=True))
-            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-                pass
-        for q in procs:
-            try:
-                q.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for q in alive:
-            try:
-                q.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-
-    def teardown(self) -> None:
-        if self.mlflow is not None:
-            self.kill_session(self.mlflow.pid)
-        for name in list(self.sessions)[::-1]:
-            self.kill_session(self.sessions[name])
-        import psutil
-
-        # Anything of this cluster that left its session (none expected) is found by its temp dir.
-        for q in psutil.process_iter(["cmdline"]):
-            try:
-                if str(self.ray_tmp) in " ".join(q.info["cmdline"] or []):
-                    q.kill()
-            except psutil.NoSuchProcess:
-                pass
+    def teardown(self, budget: float = 90.0) -> list[str]:
+        """Stop every process this test started (all nodes, MLflow, Ray CLI calls, job drivers), whatever state
+        they are in, within about ``budget`` s; returns the survivors (none expected)."""
+        survivors = self.procs.stop_all(budget)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        return survivors
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, monkeypatch):
+    # A slow or dead MLflow server must not stall the test: short requests, few retries (MLflow reads these at
+    # each request).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     c = Cluster(tmp_path)
     try:
         c.start()
         yield c
     finally:
-        c.teardown()
+        survivors = c.teardown()
+    assert not survivors, f"processes of the test survived its teardown: {survivors}"
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists() or shutil.which("setsid") is None,
+                    reason="reads Linux /proc; needs setsid")
+def test_teardown_stops_every_process_the_test_started():
+    """Fast check of the teardown: a child that ignores SIGTERM and a grandchild that left the session (and
+    ignores SIGTERM too) are both found by the marker and stopped, within the budget; other processes are not."""
+    procs = Processes(secrets.token_hex(8))
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        leader = procs.popen(["sh", "-c", 'trap "" TERM; setsid sleep 300 & sleep 300 & wait'])
+        deadline = time.monotonic() + 20
+        while len(procs.find()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = procs.find()
+        assert len(found) == 3 and leader.pid in found and bystander.pid not in found, [describe(p) for p in found]
+        outside = [pid for pid in found if pid not in procs.find(session=leader.pid)]
+        assert len(outside) == 1  # the setsid'd sleep: not in the session, found by the marker
+        t0 = time.monotonic()
+        assert procs.stop_all(budget=30, grace=1) == []
+        assert time.monotonic() - t0 < 30
+        for pid in found:  # gone, or a zombie waiting for whoever adopted it
+            with contextlib.suppress(OSError):
+                assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), describe(pid)
+        assert leader.poll() is not None and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1800, method="signal")  # the whole test, fixture setup and teardown included
 def test_job_on_three_node_cluster_survives_losing_a_rollout_node(cluster, tiny_hopper_hdf5):
     uri = cluster.start_mlflow()
     from mlflow.tracking import MlflowClient

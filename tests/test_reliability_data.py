@@ -308,3 +308,41 @@ def test_an_unreadable_dataset_says_permission_denied(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"dromo-ray data: error: {path}: permission denied: the file is "
                                                 "not readable by this user (check its permissions)"], proc.stderr
+
+
+# ---- 2: RLlib writes inside the run's directory, never ~/ray_results; the rllib backend wants a fresh --out ----
+
+def test_rllib_algorithms_log_inside_the_run_directory(tmp_path, monkeypatch):
+    import ray.tune.trainable.trainable as trainable_mod
+    from ray.tune import Trainable
+
+    from dromo_ray.behavior.train import build_algo_in
+
+    default = tmp_path / "home" / "ray_results"
+    monkeypatch.setattr(trainable_mod, "DEFAULT_STORAGE_PATH", str(default))  # where RLlib would write
+
+    class Probe(Trainable):
+        def setup(self, config):
+            self.seen = dict(config)
+
+        def step(self):
+            return {}
+
+    class Config(dict):  # the two things build_algo_in reads of an AlgorithmConfig
+        algo_class = Probe
+
+    Probe(config={}).stop()  # RLlib's default: a new directory under ~/ray_results
+    assert len(list(default.iterdir())) == 1
+    algo = build_algo_in(Config(lr=1), tmp_path / "run" / "rllib_logs")
+    assert isinstance(algo, Probe) and type(algo).__name__ == "Probe" and algo.seen == {"lr": 1}
+    assert algo.logdir == str((tmp_path / "run" / "rllib_logs").resolve()) and Path(algo.logdir).is_dir()
+    algo.stop()
+    assert len(list(default.iterdir())) == 1  # nothing new there
+
+
+def test_rllib_backend_refuses_an_out_that_is_not_empty(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = ["behavior", "train", "--backend", "rllib", "--env", "hopper", "--steps", "10", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "is not an empty directory; choose a fresh --out" in _one_line(capsys)
+    assert os.listdir(tmp_path) == ["notes.txt"]

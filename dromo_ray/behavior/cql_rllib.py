@@ -138,6 +138,7 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
     from tqdm.auto import tqdm
 
     from dromo_ray.behavior.export import export_policy, learner_module
+    from dromo_ray.behavior.train import build_algo_in
     from dromo_ray.core.config import ConfigError
     from dromo_ray.data.gym_env import evaluate_policy
     from dromo_ray.runtime.driver import RunFailed, RunResult
@@ -171,7 +172,7 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
     obs_probe = dataset.observations[np.linspace(0, len(dataset) - 1, min(256, len(dataset))).astype(int)]
     bar = tqdm(total=total, disable=not progress, desc="cql_rllib", unit="upd", leave=False)
     try:
-        algo = build_cql_config(cfg, env_key, data_dir, chunk).build_algo()
+        algo = build_algo_in(build_cql_config(cfg, env_key, data_dir, chunk), run_dir / "rllib_logs")
         next_eval = cfg.train.eval_interval
         while step < total:
             t_it = time.perf_counter()

@@ -8,6 +8,8 @@ Writes under ``--out``::
     replay.hdf5           every transition SAC collected, in order (dromo_ray.behavior.replay_log)
     policies/step_XXXXXXXX.pt   each checkpoint's policy as a dromo_ray policy file (dromo_ray.data.policy_io)
     rllib/                (with --save-rllib) the final RLlib Algorithm checkpoint
+    rllib_logs/           the RLlib Algorithm's log directory (:func:`build_algo_in`; RLlib's default is a new
+                          ``~/ray_results/<date>...`` directory per run)
 
 Training: one Gymnasium v5 env sampled by the local EnvRunner (``num_env_runners=0``), SAC with twin Q,
 learned temperature, ReLU MLPs of ``--hidden`` widths, one update of ``batch_size`` rows per
@@ -44,7 +46,7 @@ class BehaviorConfig:
     steps: int = 1_000_000
     """Env steps to train for (rounded up to a whole number of checkpoint intervals)."""
     out: str = ""
-    """Output directory; default ``behavior_<env>``. Must not hold a previous run."""
+    """Output directory; default ``behavior_<env>``. Must be new or empty."""
     seed: int = 0
     hidden: tuple[int, ...] = (256, 256)
     """Hidden widths of the policy and Q networks (ReLU)."""
@@ -160,6 +162,32 @@ def build_sac_config(cfg: BehaviorConfig):
     )
 
 
+def build_algo_in(config: Any, log_dir: str | os.PathLike) -> Any:
+    """``config.build_algo()``, with the Algorithm's log directory at ``log_dir`` (created).
+
+    An RLlib Algorithm built outside Tune makes its log directory with ray.tune's ``Trainable._setup_logdir``: a
+    fresh ``~/ray_results/<date>...`` per Algorithm, left behind (empty, with the new API stack) by every run.
+    The built Algorithm is of a subclass of ``config.algo_class`` that only overrides that method, so that what
+    RLlib writes there stays in the run's own directory.
+    """
+    import copy
+
+    base = config.algo_class
+    if isinstance(base, str):
+        from ray.tune.registry import get_trainable_cls
+
+        base = get_trainable_cls(base)
+    directory = str(Path(log_dir).resolve())
+
+    class InRunDir(base):  # type: ignore[misc, valid-type]
+        def _setup_logdir(self) -> None:
+            os.makedirs(directory, exist_ok=True)
+            self._logdir = directory
+
+    InRunDir.__name__ = base.__name__  # (RLlib names metrics and logs after the class)
+    return InRunDir(config=copy.deepcopy(config))
+
+
 def versions() -> dict[str, str]:
     import ray
     import torch
@@ -216,9 +244,9 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
     cfg.validate()
     spec = env_spec(cfg.env)
     out = Path(cfg.out)
-    if (out / "index.json").exists() or (out / "replay.hdf5").exists():
-        raise FileExistsError(f"{out} already holds a behaviour run (index.json / replay.hdf5); "
-                              "choose a fresh --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # the sac backend's rule (online_sac.py)
+        raise FileExistsError(f"{out} is not an empty directory; choose a fresh --out (the rllib backend does not "
+                              "resume)")
     (out / "policies").mkdir(parents=True, exist_ok=True)
     interval, n_ckpt = cfg.interval(), cfg.num_checkpoints()
     vers = versions()
@@ -244,7 +272,7 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
     bar = tqdm(total=interval * n_ckpt, desc=f"SAC {spec.gym_id}", unit="step", disable=not cfg.progress,
                mininterval=1.0)
     try:
-        algo = build_sac_config(cfg).build_algo()
+        algo = build_algo_in(build_sac_config(cfg), out / "rllib_logs")
         check_action_space(algo.get_module().action_space)
         for k in range(1, n_ckpt + 1):
             result = algo.train()
