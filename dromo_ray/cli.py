@@ -276,7 +276,11 @@ def cmd_behavior_train(args: argparse.Namespace) -> int:
         state = "complete" if index["complete"] else f"stopped: {index.get('stopped_early', '')}"
         print(f"{index['env_steps']} env steps, {len(index['checkpoints'])} checkpoints ({state}); "
               f"{trainer.out}/index.json")
-    return 0
+        if not index["complete"]:
+            print(f"continue with: dromo-ray behavior train --resume {trainer.out}")
+    # A signal stopped the run resumably (state saved): the shell still learns it was a signal.
+    stopped = str(index.get("stopped_early", ""))
+    return 143 if stopped.startswith("SIGTERM") else 130 if stopped.startswith("SIGINT") else 0
 
 
 def cmd_behavior_ship(args: argparse.Namespace) -> int:
