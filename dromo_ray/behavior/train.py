@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dromo_ray.core.files import write_text_atomic
+from dromo_ray.data.online_sac import evaluate_policy_file
 
 INDEX_FORMAT = "dromo_ray.behavior_index/1"
 
@@ -212,23 +213,6 @@ def _learner_metrics(result: dict[str, Any]) -> dict[str, float]:
     v = er.get("episode_return_mean")
     if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)):
         out["train_episode_return_mean"] = float(v)
-    return out
-
-
-def evaluate_policy_file(path: str | os.PathLike, env: str, episodes: int, seed: int,
-                         max_episode_steps: int = 1000) -> dict[str, float]:
-    """Deterministic and sampled returns of a policy file in the real environment."""
-    from dromo_ray.data.gym_env import evaluate_policy
-    from dromo_ray.data.policy_io import load_policy
-
-    out: dict[str, float] = {}
-    for mode, deterministic in (("", True), ("stochastic_", False)):
-        policy = load_policy(path, deterministic=deterministic, seed=seed)
-        res = evaluate_policy(policy, env, episodes=episodes, seed=seed, max_episode_steps=max_episode_steps)
-        out[f"{mode}return_mean"] = float(res.mean_return)
-        out[f"{mode}return_std"] = float(np.std(res.returns))
-        out[f"{mode}normalized_score"] = float(res.mean_normalized)
-        out[f"{mode}episode_length_mean"] = float(np.mean(res.lengths))
     return out
 
 

@@ -153,7 +153,11 @@ def check_fits(cfg: ExperimentConfig, cluster: Cluster, bundles: list[dict[str, 
 
 
 def check_run_fits(cfg: ExperimentConfig, cluster: Cluster) -> None:
-    """:func:`check_fits` for the actors of one ``train`` run (:func:`run_stages`)."""
+    """:func:`check_fits` for the actors of one ``train`` run (:func:`run_stages`). A ``cql_rllib`` run starts
+    none of Algorithm 1's actors (RLlib's CQL learns in the driver process), so only the device rule applies."""
+    if cfg.agent.algorithm == "cql_rllib":
+        check_fits(cfg, cluster, [], what="one run", layout="RLlib CQL in the driver")
+        return
     gpus = cluster.total.get("GPU", 0.0)
     fit, loop = run_stages(cfg, gpus)
     check_fits(cfg, cluster, fit, what="one run", layout="dynamics trainers and behaviour fitter")
