@@ -224,8 +224,9 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
         tracking_uri=uri, run_dir=str(run_dir), checkpoint=str(result.checkpoint or ""),
         algorithm=cfg.agent.algorithm, dataset=cfg.data.dataset,
         learner_device=str(info.get("learner_device", "cpu")), resumed_from=resumed_from,
-        eval_curve=[(int(e["step"]), float(e.get("eval/normalized_score", float("nan"))))
-                    for e in result.evaluations],
+        # Algorithm 1's evaluations carry their learner step; RLlib CQL's are numbered in order.
+        eval_curve=[(int(e.get("step", i + 1)), float(e.get("eval/normalized_score", float("nan"))))
+                    for i, e in enumerate(result.evaluations)],
     )
 
 
