@@ -159,7 +159,9 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
 
     started_ray = start_ray()
     try:
-        if started_ray:  # inside a Tune trial the sweep has checked its placement group
+        # Every standalone run checks that the cluster can hold it, also when Ray was already up in this process
+        # (else the actors wait forever); inside a Tune trial (extra_reporter) the sweep checked its placement group.
+        if started_ray or extra_reporter is None:
             check_run_fits(cfg, Cluster.from_ray())
         created = _make_dirs(run_dir, "out_dir")
         try:
