@@ -278,6 +278,9 @@ def test_rollout_worker_uses_all_members_for_mopo(algorithm, all_members):
     w = RolloutWorker(0, cfg, "hopper", {"dynamics": model.state_dict(), "policy": actor.state_dict(),
                                          "dataset": SimpleNamespace(observations=np.zeros((4, 11)))})
     assert w.model_env.all_members is all_members and w.model_env.penalty == "max_aleatoric"
+    import ray
+
+    assert not ray.is_initialized()  # building a worker outside Ray starts no Ray instance
 
 
 def test_model_defaults_are_mbpo_mopo():

@@ -147,8 +147,9 @@ class RolloutWorker:
         keys = ("dynamics", "dataset", "policy")
         values = [inputs[k] for k in keys]
         refs = [i for i, v in enumerate(values) if isinstance(v, ray.ObjectRef)]
-        for i, v in zip(refs, ray.get([values[i] for i in refs]), strict=True):
-            values[i] = v
+        if refs:  # (ray.get([]) would start a Ray instance when none is up, e.g. a worker built outside Ray)
+            for i, v in zip(refs, ray.get([values[i] for i in refs]), strict=True):
+                values[i] = v
         dynamics_state, dataset, policy_state = values
         from dromo_ray.core.model_env import ModelEnv
 
