@@ -344,16 +344,16 @@ def run_train(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         progress=sys.stderr.isatty() and not args.json,
     )
-    from dromo_ray.cli import UserError
+    from dromo_ray.core.config import ConfigError  # a user error the CLI prints as one line (no import of cli)
 
     try:
         cfg.validate()
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise ConfigError(str(e)) from None
     try:
         res = train_behavior(cfg)
     except FileExistsError as e:
-        raise UserError(str(e)) from None
+        raise ConfigError(str(e)) from None
     if args.json:
         print(json.dumps(res.index, indent=2))
     else:
