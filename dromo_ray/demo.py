@@ -48,11 +48,11 @@ def collect_demo_data(env: str, path: Path, rows: int, seed: int) -> tuple[str, 
     to ``path``; returns the policy's name and the data's D4RL normalized score. Without a shipped medium policy
     for ``env``, random actions."""
     from dromo_ray.data.d4rl_io import write_d4rl
-    from dromo_ray.data.errors import DatasetError
     from dromo_ray.data.gym_env import collect_transitions
     from dromo_ray.data.info import dataset_info
     from dromo_ray.data.policy_io import load_policy
     from dromo_ray.data.shipped import shipped_policy
+    from dromo_ray.errors import DatasetError
 
     try:
         entry = shipped_policy(env, "medium")

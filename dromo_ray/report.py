@@ -72,7 +72,7 @@ class Row:
 
 
 def _error(msg: str) -> Exception:
-    from dromo_ray.cli import UserError
+    from dromo_ray.errors import UserError
 
     return UserError(msg)
 

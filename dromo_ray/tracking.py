@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from dromo_ray.core.config import ExperimentConfig, flatten, to_dict
 from dromo_ray.core.messages import plain_message
+from dromo_ray.errors import TrackingError
 
 MAX_PARAM_LEN = 6000
 
@@ -34,8 +35,6 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SERVER_TIMEOUT_S = 3.0
 
 
-class TrackingError(ValueError):
-    """The tracking store cannot be used (message names the URI); a user error, one line."""
 
 
 def default_tracking_uri(out_dir: str | Path, create: bool = True) -> str:

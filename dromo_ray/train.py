@@ -272,7 +272,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dromo_ray.runtime.driver import load_policy_from_checkpoint
 
     if args.episodes < 1:
-        from dromo_ray.cli import UserError
+        from dromo_ray.errors import UserError
 
         raise UserError(f"--episodes: expected a positive integer, got {args.episodes}")
     set_torch_threads(1)

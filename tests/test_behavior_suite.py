@@ -286,7 +286,7 @@ def test_medium_replay_is_the_log_up_to_the_medium_checkpoint(suite, sac_run):
 
 def test_suite_resumes_and_refuses_other_settings(suite, sac_run):
     from dromo_ray.behavior.suite import PARTS, d4rl_path, make_suite
-    from dromo_ray.data.errors import DatasetError
+    from dromo_ray.errors import DatasetError
 
     out, manifest = suite
     path = d4rl_path(out, "hopper", "medium")
@@ -316,7 +316,8 @@ def test_suite_resumes_a_half_made_suite(sac_run, tmp_path):
 
 
 def test_cli_parsers_and_suite_make_smoke(suite, sac_run, capsys):
-    from dromo_ray.cli import build_parser, main
+    from dromo_ray.cli import main
+    from dromo_ray.cli.parser import build_parser
 
     args = build_parser().parse_args(["behavior", "train", "--env", "walker2d", "--steps", "5000", "--out", "x",
                                       "--seed", "3"])

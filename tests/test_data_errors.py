@@ -11,7 +11,7 @@ import pytest
 
 from dromo_ray.cli import main
 from dromo_ray.data.dataset import load_dataset
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 ROWS = 200
 

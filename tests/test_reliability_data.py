@@ -21,7 +21,7 @@ import pytest
 
 from dromo_ray.cli import Terminated, main
 from dromo_ray.data.dataset import OfflineDataset
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -242,9 +242,9 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
 
     from dromo_ray.behavior.train import load_index, versions
     from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
-    from dromo_ray.data.errors import DatasetError
     from dromo_ray.data.gym_env import collect_transitions, env_spec
     from dromo_ray.data.policy_io import load_policy
+    from dromo_ray.errors import DatasetError
 
     spec = env_spec(env)
     if size < 1:

@@ -303,7 +303,7 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
 
 def load_index(policies_dir: str | os.PathLike) -> dict[str, Any]:
     """``index.json`` of a behaviour run, checked. Policy paths in it are relative to ``policies_dir``."""
-    from dromo_ray.data.errors import DatasetError
+    from dromo_ray.errors import DatasetError
 
     path = Path(policies_dir) / "index.json"
     if not path.exists():

@@ -57,7 +57,7 @@ def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
 
 
 def _user_error(msg: str) -> Exception:
-    from dromo_ray.cli import UserError
+    from dromo_ray.errors import UserError
 
     return UserError(msg)
 

@@ -16,12 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dromo_ray.errors import ConfigError
+
 ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib")
 Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or out of range."""
 
 
 @dataclass

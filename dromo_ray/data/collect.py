@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 from dromo_ray.core.envs import EnvSpec
 from dromo_ray.core.files import atomic_path
 from dromo_ray.data.dataset import OfflineDataset, check_action_box, resolve_env, terminal_wins
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 NEXT_OBS_ATOL = 1e-4

@@ -24,7 +24,7 @@ import numpy as np
 
 from dromo_ray.core.envs import ENVS, EnvSpec, get_env_spec
 from dromo_ray.core.types import NumpyBatch
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 STD_FLOOR = 1e-3
 """Lower bound of ``obs_std``: constant observation dims must not blow up normalisation."""

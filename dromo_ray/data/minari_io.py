@@ -22,7 +22,7 @@ import numpy as np
 
 from dromo_ray.data.d4rl_io import check_dims
 from dromo_ray.data.dataset import OfflineDataset, check_action_box, resolve_env, terminal_wins
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 _ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]/)?[-_\w]+?-v\d+$")
 

@@ -48,8 +48,8 @@ from dromo_ray.core.config import AgentConfig
 from dromo_ray.core.files import atomic_path, write_text_atomic
 from dromo_ray.core.types import Batch, MixedBatch
 from dromo_ray.data.dataset import OfflineDataset
-from dromo_ray.data.errors import DatasetError
 from dromo_ray.data.gym_env import env_spec, make_env, package_versions
+from dromo_ray.errors import DatasetError
 
 INDEX_FORMAT = "dromo_ray.behavior_index/1"
 STATE_FORMAT = "dromo_ray.online_sac_state/1"

@@ -21,7 +21,7 @@ import torch
 
 from dromo_ray.core.files import atomic_path
 from dromo_ray.core.nets import TanhGaussianActor
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 FORMAT = "dromo_ray.policy/1"
 PolicyFn = Callable[[np.ndarray], np.ndarray]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dromo_ray.core.files import write_text_atomic
-from dromo_ray.data.errors import DatasetError
+from dromo_ray.errors import DatasetError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 MANIFEST_FORMAT = "dromo_ray.shipped_policies/1"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dromo_ray.core.files import write_text_atomic
+from dromo_ray.errors import CheckpointError
 
 STATE_FILE = "state.pt"
 REQUIRED = {"driver": dict, "config": dict, "env": str, "dynamics": dict, "learner": dict, "replay": dict}
@@ -28,8 +29,6 @@ REQUIRED = {"driver": dict, "config": dict, "env": str, "dynamics": dict, "learn
 CONFIG_SECTIONS = ("agent", "dynamics", "runtime")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint path is missing or unreadable (message names the path)."""
 
 
 def _numpy_to_torch(obj: Any) -> Any:
