@@ -503,7 +503,7 @@ def trial_bundles(cfg: ExperimentConfig, driver_cpus: float, cluster_gpus: float
     bundles += [{"CPU": other + REPLAY_CPUS} for _ in range(rt.num_evaluators)]
     # Alg. 1 line 1 runs before any of those actors exists: k trainers (+ the behaviour fitter for DROMO), all of
     # one size, fit into the same bundles; what does not fit gets bundles of its own.
-    k = cfg.dynamics.num_trainers + (1 if cfg.agent.algorithm == "dromo" and cfg.agent.effective_alpha() > 0 else 0)
+    k = cfg.dynamics.num_trainers + (1 if cfg.agent.needs_behavior_policy() else 0)
     t = rt.dynamics_trainer_cpus
     fits = sum(int((b["CPU"] + 1e-9) // t) for b in bundles[1:])
     bundles += [{"CPU": t} for _ in range(max(0, k - fits))]

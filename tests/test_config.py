@@ -77,3 +77,23 @@ def test_every_shipped_config_is_valid():
         if f.name.startswith("sweep_"):
             continue
         load_config(f)
+
+
+def test_pi_beta_is_fitted_only_for_the_action_variance_term():
+    """One rule (AgentConfig.needs_behavior_policy) decides whether pi^beta is fitted: DROMO with alpha > 0 and
+    the Eq. 13 action variance. The Eq. 17 ``strict`` ablation, COMBO and alpha = 0 reserve no fitter bundle."""
+    from dromo_ray.core.scores import final_score
+    from dromo_ray.runtime.cluster import run_stages
+
+    def cfg(**agent):
+        return config_from_dict({"data": {"dataset": "x.hdf5"}, "agent": agent}).validate()
+
+    fitted = cfg(algorithm="dromo", alpha=0.5, variance_form="action")
+    n = fitted.dynamics.num_trainers
+    assert fitted.agent.needs_behavior_policy() and len(run_stages(fitted, 0)[0]) == n + 1
+    for c in (cfg(algorithm="dromo", alpha=0.5, variance_form="strict"), cfg(algorithm="dromo", alpha=0.0),
+              cfg(algorithm="combo", alpha=0.5)):
+        assert not c.agent.needs_behavior_policy()
+        assert len(run_stages(c, 0)[0]) == n
+    evals = [{"eval/normalized_score": s, "eval/return_mean": 10 * s} for s in (1.0, 2.0, 4.0, 6.0)]
+    assert final_score(evals, 2) == (5.0, 50.0) and final_score(evals, 9) == (3.25, 32.5)

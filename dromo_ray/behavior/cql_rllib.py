@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from dromo_ray.core.files import atomic_path
+from dromo_ray.core.scores import final_score
 
 Reporter = Callable[..., None]
 _RLLIB_TRAIN_KEYS = {"policy_loss": "train/actor_loss", "alpha_value": "train/entropy_coef",
@@ -217,8 +218,5 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
             # Close Ray Data's batch iterator now, while Ray is up (else it complains at interpreter exit).
             del algo
             gc.collect()
-    n = cfg.train.final_score_last_n
-    scores = [e["eval/normalized_score"] for e in evals][-n:]
-    returns = [e["eval/return_mean"] for e in evals][-n:]
-    return RunResult(step, time.perf_counter() - t0, float(np.mean(scores)) if scores else float("nan"),
-                     float(np.mean(returns)) if returns else float("nan"), evals, last_policy, {})
+    score, ret = final_score(evals, cfg.train.final_score_last_n)
+    return RunResult(step, time.perf_counter() - t0, score, ret, evals, last_policy, {})

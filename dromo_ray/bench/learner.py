@@ -45,7 +45,7 @@ def flops_per_update(cfg: AgentConfig, batch: int, actor: torch.nn.Module, criti
     n_model = batch - n_real
     m = cfg.num_actions
     rows = batch  # the d_f batch itself
-    uses_variance = cfg.algorithm == "dromo" and cfg.effective_alpha() > 0 and cfg.variance_form == "action"
+    uses_variance = cfg.needs_behavior_policy()
     if uses_variance:
         rows += batch * m
     if cfg.effective_beta() > 0:

@@ -82,7 +82,7 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
     data_ref = ray.put(dataset)
     dyn_ref = ray.put(_initial_dynamics(cfg, dataset))
     behavior = None
-    if cfg.agent.algorithm == "dromo":
+    if cfg.agent.needs_behavior_policy():
         behavior = TanhGaussianActor(spec_obs, spec_act, A._behavior_hidden(cfg)).state_dict()
     rt = cfg.runtime
     replay = A.remote(A.ReplayServer, num_cpus=0.01).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from dromo_ray.core.config import AGENT_ALGORITHMS, ENV_KEYS
+
 DESCRIPTION = """\
 Offline model-based reinforcement learning on Ray: DROMO, COMBO, MOPO, MOPO-auto, MBPO, MOBILE and RLlib CQL
 from one config, with the dynamics ensemble, model rollouts and the learner as Ray actors and every run
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # collect ------------------------------------------------------------------------------------------
     p = sub.add_parser("collect", help="collect an offline dataset with a real Gymnasium v5 MuJoCo environment")
-    p.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
+    p.add_argument("--env", required=True, choices=ENV_KEYS)
     p.add_argument("--policy", default="random", help="'random' or a policy file saved by dromo-ray")
     p.add_argument("--steps", type=int, required=True, help="transitions to record")
     p.add_argument("--out", required=True,
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="behavior_command", required=True)
     q = bsub.add_parser("train", help="SAC on a Gymnasium v5 env: evaluated policy checkpoints (index.json), a "
                         "replay log of every transition (replay.hdf5); resumable")
-    q.add_argument("--env", choices=["hopper", "halfcheetah", "walker2d"], default=None,
+    q.add_argument("--env", choices=ENV_KEYS, default=None,
                    help="environment (required unless --resume)")
     q.add_argument("--steps", type=int, default=None, help="env steps (default 1M, D4RL's budget; with --resume: "
                    "the new total)")
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="suite_command", required=True)
     q = ssub.add_parser("make", help="random, medium, medium-replay, expert, medium-expert as D4RL HDF5 and "
                         "Minari (resumable)")
-    q.add_argument("--env", required=True, choices=["hopper", "halfcheetah", "walker2d"])
+    q.add_argument("--env", required=True, choices=ENV_KEYS)
     q.add_argument("--size", type=int, default=1_000_000, help="transitions of random, medium and expert")
     q.add_argument("--out", default=None, help="output directory (default suite_<env>)")
     q.add_argument("--policies", default=None, help="output directory of a `behavior train` run (default: the "
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("learner", help="learner updates/s and achieved GFLOP/s")
-    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile"], default="dromo")
+    q.add_argument("--algo", choices=AGENT_ALGORITHMS, default="dromo")
     q.add_argument("--device", default="cpu")
     q.add_argument("--batch", type=int, default=256)
     q.add_argument("--steps", type=int, default=50, help="timed updates")
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("bench", "cmd_bench_dynamics"))
     q = bsub.add_parser("behavior", help="online SAC env steps/s and updates/s (one update per env step)")
-    q.add_argument("--env", choices=["hopper", "halfcheetah", "walker2d"], default="hopper")
+    q.add_argument("--env", choices=ENV_KEYS, default="hopper")
     q.add_argument("--backend", choices=["sac", "rllib", "both"], default="sac")
     q.add_argument("--steps", type=int, default=1000, help="timed env steps (each with one update)")
     q.add_argument("--rllib-steps", type=int, default=0, help="timed env steps for rllib (default --steps)")
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_handler("bench", "cmd_bench_behavior"))
     q = bsub.add_parser("pipeline", help="learner with actors feeding it vs alone; rollout scaling")
     q.add_argument("--steps", type=int, default=300, help="timed learner updates per measurement")
-    q.add_argument("--algo", choices=["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile"], default="dromo")
+    q.add_argument("--algo", choices=AGENT_ALGORITHMS, default="dromo")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("bench", "cmd_bench_pipeline"))
 

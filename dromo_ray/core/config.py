@@ -18,8 +18,13 @@ from typing import Any, Literal
 
 from dromo_ray.errors import ConfigError
 
-ALGORITHMS = ("dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib")
 Algorithm = Literal["dromo", "combo", "mopo", "mopo_auto", "mbpo", "mobile", "cql_rllib"]
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+"""Every algorithm a config can name; the ones the project's own learner runs are :data:`AGENT_ALGORITHMS`."""
+AGENT_ALGORITHMS: tuple[str, ...] = tuple(a for a in ALGORITHMS if a != "cql_rllib")
+"""The algorithms of ``dromo_ray.core.agents`` (RLlib's CQL runs outside the project's learner)."""
+ENV_KEYS: tuple[str, ...] = ("hopper", "halfcheetah", "walker2d")
+"""The environments (their specs: ``dromo_ray.core.envs.ENVS``, in this order)."""
 
 
 @dataclass
@@ -36,8 +41,8 @@ class DataConfig:
     def validate(self) -> None:
         if not self.dataset:
             raise ConfigError("data.dataset: must name a dataset file, a D4RL name or minari:<id>")
-        if self.env and self.env not in ("hopper", "halfcheetah", "walker2d"):
-            raise ConfigError(f"data.env: unknown environment {self.env!r} (hopper, halfcheetah, walker2d)")
+        if self.env and self.env not in ENV_KEYS:
+            raise ConfigError(f"data.env: unknown environment {self.env!r} ({', '.join(ENV_KEYS)})")
 
 
 MBPO_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
@@ -264,6 +269,12 @@ class AgentConfig:
     def effective_beta(self) -> float:
         """beta after the algorithm's convention: COMBO = DROMO with alpha=0; MBPO/MOPO have no beta."""
         return self.beta if self.algorithm in ("dromo", "combo") else 0.0
+
+    def needs_behavior_policy(self) -> bool:
+        """Whether the run fits pi^beta (Alg. 1 line 1, appendix B): only DROMO's action-variance term (Eq. 13)
+        samples from pi^f = f pi^beta + (1 - f) pi, and only when alpha > 0. COMBO (alpha = 0) and the Eq. 17
+        ``strict`` ablation (variance across the batch) do not: no fitter, no density, no placement bundle."""
+        return self.effective_alpha() > 0 and self.variance_form == "action"
 
     def needs_dynamics(self) -> bool:
         """Whether the agent's update itself queries the dynamics ensemble (MOBILE's penalty)."""

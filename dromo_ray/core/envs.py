@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dromo_ray.core.config import ENV_KEYS
+
 Array = Any  # np.ndarray | torch.Tensor
 
 
@@ -82,6 +84,9 @@ ENVS: dict[str, EnvSpec] = {
     "walker2d": EnvSpec("walker2d", "Walker2d-v5", 17, 6, walker2d_termination, 1.629008, 4592.3,
                         xml_file="walker2d.xml"),
 }
+
+
+assert tuple(ENVS) == ENV_KEYS, "core/config.py ENV_KEYS names the environments of ENVS, in order"
 
 
 def get_env_spec(name: str) -> EnvSpec:

@@ -92,7 +92,7 @@ def run_stages(cfg: ExperimentConfig, cluster_gpus: float) -> list[list[dict[str
     the replay actor, the learner, the rollout workers and the evaluators (runtime/driver.py).
     """
     rt = cfg.runtime
-    k = cfg.dynamics.num_trainers + (1 if cfg.agent.algorithm == "dromo" and cfg.agent.effective_alpha() > 0 else 0)
+    k = cfg.dynamics.num_trainers + (1 if cfg.agent.needs_behavior_policy() else 0)
     fit = [{"CPU": rt.dynamics_trainer_cpus} for _ in range(k)]
     learner: dict[str, float] = {"CPU": rt.learner_cpus, **rt.learner_resources}
     g = learner_gpus(cfg, cluster_gpus)

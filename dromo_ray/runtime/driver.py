@@ -28,6 +28,7 @@ from dromo_ray.core.envs import get_env_spec
 from dromo_ray.core.learner import NonFiniteLossError, numpy_rng_state, set_numpy_rng_state
 from dromo_ray.core.messages import plain_message
 from dromo_ray.core.nets import TanhGaussianActor
+from dromo_ray.core.scores import final_score
 from dromo_ray.runtime import actors as A
 from dromo_ray.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dromo_ray.runtime.cluster import learner_gpus, start_ray
@@ -93,7 +94,7 @@ def train_dynamics_stage(cfg: ExperimentConfig, dataset_ref: Any, dataset: Any, 
     t0 = time.perf_counter()
     fits = [t.fit.remote(dataset_ref, train_idx, holdout_idx) for t in trainers]
     behavior_ref = None
-    if cfg.agent.algorithm == "dromo" and cfg.agent.effective_alpha() > 0:
+    if cfg.agent.needs_behavior_policy():
         Fitter = A.remote(A.BehaviorFitter, num_cpus=cfg.runtime.dynamics_trainer_cpus)
         fitter = Fitter.remote(cfg.runtime.torch_threads)
         behavior_ref = fitter.fit.remote(dataset_ref, A._behavior_hidden(cfg), _behavior_steps(cfg, n), cfg.seed)
@@ -333,10 +334,8 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
         for h in [*workers, *evaluators, learner, replay]:
             ray.kill(h, no_restart=True)
 
-    scores = [e["eval/normalized_score"] for e in evals][-cfg.train.final_score_last_n:]
-    returns = [e["eval/return_mean"] for e in evals][-cfg.train.final_score_last_n:]
-    return RunResult(step, time.perf_counter() - t_start, float(np.mean(scores)) if scores else float("nan"),
-                     float(np.mean(returns)) if returns else float("nan"), evals, last_ckpt, stage["metrics"])
+    score, ret = final_score(evals, cfg.train.final_score_last_n)
+    return RunResult(step, time.perf_counter() - t_start, score, ret, evals, last_ckpt, stage["metrics"])
 
 
 def _next_multiple(step: int, k: int) -> int:

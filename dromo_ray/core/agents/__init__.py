@@ -31,13 +31,11 @@ from dromo_ray.core.agents.dromo import ComboLosses, DromoLosses, DromoTerms
 from dromo_ray.core.agents.mobile import BellmanInconsistencyPenalty, MobileLosses, ensemble_from_state
 from dromo_ray.core.agents.mopo import DualPenalty, FixedPenalty, MopoAutoLosses, MopoLosses
 from dromo_ray.core.agents.sac import MbpoLosses, Metrics, SACAgent, SACLosses, to_metrics
-from dromo_ray.core.config import AgentConfig
+from dromo_ray.core.config import AGENT_ALGORITHMS, AgentConfig
 from dromo_ray.core.density import ConstantDensity, StateDensity, density_from_state
 from dromo_ray.core.dynamics import EnsembleDynamics
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.types import MixedBatch
-
-AGENT_ALGORITHMS = ("dromo", "combo", "mbpo", "mopo", "mopo_auto", "mobile")
 
 __all__ = [
     "AGENT_ALGORITHMS", "Agent", "ComboLosses", "DromoLosses", "MbpoLosses", "Metrics", "MobileLosses",
@@ -88,7 +86,7 @@ def make_agent(cfg: AgentConfig, obs_dim: int, act_dim: int, *, device: str | to
     common = dict(device=dev, seed=seed, total_steps=total_steps)
     if algo in ("dromo", "combo"):
         alpha, beta = cfg.effective_alpha(), cfg.effective_beta()
-        needs_variance = alpha > 0 and cfg.variance_form == "action"
+        needs_variance = cfg.needs_behavior_policy()
         if needs_variance and density is None:
             if cfg.density == "kde":
                 raise ValueError("make_agent: dromo with density='kde' needs a KDEDensity built from D "
