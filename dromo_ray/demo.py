@@ -8,13 +8,16 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dromo_ray.config import dump_config
-from dromo_ray.core.config import config_from_dict
+from dromo_ray.core.config import ExperimentConfig, config_from_dict
+
+if TYPE_CHECKING:
+    from dromo_ray.train import TrainSummary
 
 DEMO_STEPS = 3000
 DEMO_ENV = "halfcheetah"
@@ -65,43 +68,45 @@ def collect_demo_data(env: str, path: Path, rows: int, seed: int) -> tuple[str, 
     return name, float(dataset_info(ds)["normalized_score"])
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class DemoResult:
+    """What ``dromo-ray demo`` shows at the end: the behaviour data's score beside the learned policy's."""
+
+    config: ExperimentConfig
+    summary: TrainSummary
+    behavior_policy: str
+    behavior_normalized_score: float
+    tracking_uri: str
+
+
+def run_demo(out: str | Path = "dromo_demo", steps: int | None = None, seed: int = 0,
+             tracking_uri: str | None = None, progress: bool = True,
+             say: Callable[[str], None] = print) -> DemoResult:
+    """The whole pipeline once: collect the demo data (reused when present), write the config, train the dynamics
+    ensemble and the agent on local Ray, evaluate; ``say`` receives the step lines."""
     from dromo_ray.core.threads import set_torch_threads
     from dromo_ray.data.d4rl_io import read_d4rl
     from dromo_ray.data.info import dataset_info
     from dromo_ray.train import train
 
     set_torch_threads(1)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / f"{DEMO_ENV}_medium_demo-v5.hdf5"
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / f"{DEMO_ENV}_medium_demo-v5.hdf5"
     if not data.exists():
-        print(f"[1/4] collecting {DEMO_ROWS:,} {DEMO_ENV} transitions with the shipped medium policy -> {data}")
-        name, behaviour = collect_demo_data(DEMO_ENV, data, DEMO_ROWS, args.seed)
+        say(f"[1/4] collecting {DEMO_ROWS:,} {DEMO_ENV} transitions with the shipped medium policy -> {data}")
+        name, behaviour = collect_demo_data(DEMO_ENV, data, DEMO_ROWS, seed)
     else:
-        print(f"[1/4] reusing {data}")
+        say(f"[1/4] reusing {data}")
         ds = read_d4rl(data, env=DEMO_ENV)
         name, behaviour = str(ds.metadata.get("demo_policy", "")), float(dataset_info(ds)["normalized_score"])
-    print(f"      behaviour data: {name}, D4RL normalized score {behaviour:.1f}")
-    cfg = config_from_dict(demo_config(str(data), str(out / "runs"), args.seed, args.steps or DEMO_STEPS))
-    dump_config(cfg, out / "demo_config.yaml")
-    print(f"[2/4] config written to {out / 'demo_config.yaml'}")
-    print(f"[3/4] training the dynamics ensemble + {cfg.agent.algorithm.upper()} on local Ray (rollout workers, "
-          "replay, learner, evaluator)")
-    tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
-    summary = train(cfg, tracking_uri=tracking_uri, progress=not args.json)
-    print("[4/4] done")
-    if args.json:
-        print(json.dumps({**summary.to_dict(), "behavior_normalized_score": behaviour}, indent=2))
-        return 0
-    curve = "  ".join(f"{step}: {score:.1f}" for step, score in summary.eval_curve)
-    print(f"  learned policy, D4RL normalized score by update:  {curve}")
-    print(f"  final (mean of last {cfg.train.final_score_last_n} evaluations): {summary.final_normalized_score:.1f} "
-          f"(return {summary.final_return:.1f})   behaviour data: {behaviour:.1f}")
-    print(f"  {summary.steps} {cfg.agent.algorithm.upper()} updates in {summary.wall_s:.0f}s on "
-          f"{summary.learner_device}")
-    print(f"  mlflow run id: {summary.mlflow_run_id}")
-    print(f"  checkpoint:    {summary.checkpoint}")
-    if tracking_uri.startswith("sqlite:"):
-        print(f"  open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
-    return 0
+    say(f"      behaviour data: {name}, D4RL normalized score {behaviour:.1f}")
+    cfg = config_from_dict(demo_config(str(data), str(root / "runs"), seed, steps or DEMO_STEPS))
+    dump_config(cfg, root / "demo_config.yaml")
+    say(f"[2/4] config written to {root / 'demo_config.yaml'}")
+    say(f"[3/4] training the dynamics ensemble + {cfg.agent.algorithm.upper()} on local Ray (rollout workers, "
+        "replay, learner, evaluator)")
+    uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    summary = train(cfg, tracking_uri=uri, progress=progress)
+    say("[4/4] done")
+    return DemoResult(cfg, summary, name, behaviour, uri)

@@ -21,9 +21,7 @@ to one sweep, the same files are logged as artifacts of the sweep's parent run (
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import os
 import re
@@ -283,20 +281,11 @@ def build_report(experiment: str, tracking_uri: str, out: str | Path) -> dict[st
             f"runs come from {len(parents)} parents (sweeps or plain train runs); artifacts not logged"}
 
 
-def run(args: argparse.Namespace) -> int:
+def report(experiment: str, tracking_uri: str | None = None, out: str | Path = "report") -> dict[str, Any]:
+    """``dromo-ray report``: resolve the store (:func:`resolve_uri`; a reader never creates an empty store) and
+    build the report of ``experiment`` into ``out`` (see :func:`build_report` for what it returns)."""
     from dromo_ray.tracking import check_tracking_store
 
-    uri = resolve_uri(args.tracking_uri)
-    check_tracking_store(uri, must_exist=True)  # a reader never creates an empty store
-    rep = build_report(args.experiment, uri, args.out)
-    if args.json:
-        print(json.dumps(rep, indent=2))
-        return 0
-    print(Path(rep["files"]["markdown"]).read_text())
-    print(f"wrote {rep['files']['markdown']}, {rep['files']['csv']}"
-          + "".join(f", {p}" for p in rep["files"]["curves"]))
-    if rep["artifacts_run_id"]:
-        print(f"logged as artifacts ({ARTIFACT_DIR}/) of the sweep's parent run {rep['artifacts_run_id']}")
-    elif rep["note"]:
-        print(rep["note"])
-    return 0
+    uri = resolve_uri(tracking_uri)
+    check_tracking_store(uri, must_exist=True)
+    return build_report(experiment, uri, out)

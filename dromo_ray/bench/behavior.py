@@ -14,13 +14,11 @@ Figures: ``env_steps_per_s`` (env steps over the wall time of the timed part, up
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from dromo_ray.bench.common import check_at_least, emit
 from dromo_ray.core.threads import set_torch_threads
 
 
@@ -84,21 +82,21 @@ def measure_rllib(env: str, steps: int, batch: int, warmup: int, fragment: int =
             "fragment": fragment}
 
 
-def run(args: argparse.Namespace) -> int:
-    for flag, value, minimum in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 1),
-                                 ("--rllib-steps", args.rllib_steps, 0), ("--rllib-fragment", args.rllib_fragment, 1)):
-        check_at_least(flag, value, minimum)
+def measure_behavior(env: str = "hopper", backend: str = "sac", steps: int = 1000, batch: int = 256,
+                     warmup: int = 1000, rllib_steps: int = 0, rllib_fragment: int = 1) -> dict[str, Any]:
+    """Every figure of ``dromo-ray bench behavior``: env steps/s and updates/s of online SAC at one update per env
+    step on one thread, for ``backend`` sac (the project's SAC core), rllib, or both (then prefixed by backend;
+    the unprefixed pair is the first backend's)."""
     set_torch_threads(1)
-    result: dict[str, Any] = {"env": args.env, "batch": args.batch, "torch_threads": 1}
-    backends = ("sac", "rllib") if args.backend == "both" else (args.backend,)
+    result: dict[str, Any] = {"env": env, "batch": batch, "torch_threads": 1}
+    backends = ("sac", "rllib") if backend == "both" else (backend,)
     for b in backends:
         if b == "sac":
-            r = measure_sac(args.env, args.steps, args.batch, args.warmup)
+            r = measure_sac(env, steps, batch, warmup)
         else:
-            r = measure_rllib(args.env, args.rllib_steps or args.steps, args.batch, args.warmup, args.rllib_fragment)
+            r = measure_rllib(env, rllib_steps or steps, batch, warmup, rllib_fragment)
         for k, v in r.items():
             result[f"{b}_{k}"] = v
         if b == backends[0]:
             result["env_steps_per_s"], result["updates_per_s"] = r["env_steps_per_s"], r["updates_per_s"]
-    emit(result, args.json, f"online SAC, {args.env}, batch {args.batch}, one update per env step, 1 thread")
-    return 0
+    return result

@@ -22,7 +22,6 @@ Data are synthetic, Hopper-sized (11 obs, 3 act); speed does not depend on the v
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dromo_ray.bench.common import check_at_least, device_name, emit, measured_matmul_peak_gflops, resolve_device, sync
+from dromo_ray.bench.common import device_name, measured_matmul_peak_gflops, resolve_device, sync
 from dromo_ray.core.config import AgentConfig, DynamicsConfig
 from dromo_ray.core.dynamics import DynamicsTrainer, EnsembleDynamics, normalizer_stats
 from dromo_ray.core.envs import ENVS, halfcheetah_termination
@@ -134,29 +133,26 @@ def bench_model_env(device: torch.device, cfg: DynamicsConfig, seconds: float, b
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    check_at_least("--seconds", getattr(args, "seconds", None), 0, exclusive=True)
-    check_at_least("--threads", getattr(args, "threads", None), 0)
-    device = resolve_device(getattr(args, "device", "cpu") or "cpu")
-    threads = int(getattr(args, "threads", 0) or 0) or (os.cpu_count() or 1)
-    set_torch_threads(threads)
-    seconds = float(getattr(args, "seconds", 4.0) or 4.0)
+def measure_dynamics(device: str = "cpu", threads: int = 0, seconds: float = 4.0) -> dict[str, Any]:
+    """Every figure of ``dromo-ray bench dynamics`` (see the module docstring): the matmul peak, ensemble training
+    rows/s and model-env transitions/s with their GFLOP/s and share of the peak. ``threads`` 0: all cores."""
+    dev = resolve_device(device or "cpu")
+    set_torch_threads(int(threads or 0) or (os.cpu_count() or 1))
     cfg = DynamicsConfig()
     # The best of three 1-s measurements: on a shared machine a single one can be low, inflating the %.
-    peak = max(measured_matmul_peak_gflops(device) for _ in range(3))
+    peak = max(measured_matmul_peak_gflops(dev) for _ in range(3))
     result: dict[str, Any] = {
-        "device": device_name(device),
+        "device": device_name(dev),
         "threads": torch.get_num_threads(),
         "ensemble": f"{cfg.ensemble_size} x {'x'.join(map(str, cfg.hidden_dims))} SiLU, batch {cfg.batch_size}/member",
         "timing": f"median (and best) of back-to-back windows over {seconds:g} s each",
         "matmul_peak_gflops": peak,
     }
-    result.update(bench_training(device, cfg, seconds))
+    result.update(bench_training(dev, cfg, seconds))
     result["train_pct_of_peak"] = 100.0 * result["train_gflops"] / peak
     result["train_pct_of_peak_best"] = 100.0 * result["train_gflops_best"] / peak
     result["train_vs_reference_20k"] = result["train_rows_per_s"] / REFERENCE_ROWS_PER_S
-    result.update(bench_model_env(device, cfg, seconds))
+    result.update(bench_model_env(dev, cfg, seconds))
     result["model_env_step_pct_of_peak"] = 100.0 * result["model_env_step_gflops"] / peak
     result["rollout_pct_of_peak"] = 100.0 * result["rollout_gflops"] / peak
-    emit(result, getattr(args, "json", False), "dromo-ray bench dynamics")
-    return 0
+    return result
