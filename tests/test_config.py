@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dromo_ray.config import ConfigError, dump_config, flatten, load_config
-from dromo_ray.core.config import ExperimentConfig, config_from_dict
+from dromo_ray.config import dump_config, load_config
+from dromo_ray.core.config import ExperimentConfig, config_from_dict, flatten
+from dromo_ray.errors import ConfigError
 
 TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
 
@@ -97,3 +98,119 @@ def test_pi_beta_is_fitted_only_for_the_action_variance_term():
         assert len(run_stages(c, 0)[0]) == n
     evals = [{"eval/normalized_score": s, "eval/return_mean": 10 * s} for s in (1.0, 2.0, 4.0, 6.0)]
     assert final_score(evals, 2) == (5.0, 50.0) and final_score(evals, 9) == (3.25, 32.5)
+
+
+# ---- base: chains (dromo_ray/config.py) ---------------------------------------------------------------------
+
+
+def _files(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_base_chain_merges_sections_key_by_key(tmp_path):
+    root = _files(tmp_path, {
+        "base.yaml": "seed: 3\nagent: {alpha: 0.5, beta: 2.0, hidden_dims: [64, 64, 64]}\n"
+                     "runtime: {learner_resources: {a: 1.0, b: 1.0}}\ntracking: {experiment: shared}\n",
+        "algos/a.yaml": "base: ../base.yaml\nagent: {beta: 3.0, hidden_dims: [32]}\n",
+        "tasks/t.yaml": "base: ../algos/a.yaml\ndata: {dataset: x.hdf5}\nagent: {alpha: 0.25}\n"
+                        "runtime: {learner_resources: {c: 1.0}}\n",
+    })
+    cfg = load_config(root / "tasks" / "t.yaml")
+    assert cfg.seed == 3 and cfg.tracking.experiment == "shared" and cfg.data.dataset == "x.hdf5"
+    assert (cfg.agent.alpha, cfg.agent.beta) == (0.25, 3.0)  # each level overrides only the keys it names
+    assert cfg.agent.hidden_dims == (32,)  # a list replaces the base's list
+    assert cfg.runtime.learner_resources == {"c": 1.0}  # a resource set is one value, as with --set
+    # --set applies after the whole chain; the base files are not touched
+    assert load_config(root / "tasks" / "t.yaml", ["agent.beta=4.0"]).agent.beta == 4.0
+    assert load_config(root / "algos" / "a.yaml", ["data.dataset=y"]).agent.alpha == 0.5
+
+
+@pytest.mark.parametrize("files, fragment", [
+    ({"c.yaml": "base: missing.yaml\ndata: {dataset: x}\n"}, "base: "),
+    ({"c.yaml": "base: 3\ndata: {dataset: x}\n"}, "base: expected the path of a config file, got 3"),
+    ({"c.yaml": "base: [a.yaml]\ndata: {dataset: x}\n"}, "base: expected the path of a config file"),
+    ({"c.yaml": "base:\ndata: {dataset: x}\n"}, "base: expected the path of a config file, got None"),
+    ({"c.yaml": "base: c.yaml\n"}, "closes a cycle"),
+    ({"c.yaml": "base: sub/b.yaml\n", "sub/b.yaml": "base: ../c.yaml\n"}, "closes a cycle"),
+])
+def test_bad_base_is_a_config_error_naming_file_and_key(tmp_path, files, fragment):
+    root = _files(tmp_path, files)
+    with pytest.raises(ConfigError) as e:
+        load_config(root / "c.yaml")
+    msg = str(e.value)
+    assert fragment in msg and "base: " in msg and (str(root / "c.yaml") in msg or str(root / "sub" / "b.yaml") in msg)
+    if "missing" in files["c.yaml"]:
+        assert "no such config file" in msg and "missing.yaml" in msg
+
+
+def test_a_value_error_from_a_base_names_the_loaded_file_and_the_key(tmp_path):
+    root = _files(tmp_path, {"base.yaml": "agent: {gamma: 1.5}\n", "t.yaml": "base: base.yaml\ndata: {dataset: x}\n"})
+    with pytest.raises(ConfigError, match=r"t\.yaml: agent\.gamma"):
+        load_config(root / "t.yaml")
+
+
+def test_dump_config_writes_the_composed_config_atomically(tmp_path):
+    root = _files(tmp_path, {"base.yaml": "agent: {beta: 3.0}\n", "t.yaml": "base: base.yaml\ndata: {dataset: x}\n"})
+    cfg = load_config(root / "t.yaml")
+    dump_config(cfg, root / "out.yaml")
+    assert "base" not in (root / "out.yaml").read_text() and load_config(root / "out.yaml") == cfg
+    assert sorted(p.name for p in root.iterdir()) == ["base.yaml", "out.yaml", "t.yaml"]  # no temporary left
+
+
+# ---- the one coercion (core/config.py _coerce): non-finite numbers, tau -------------------------------------
+
+
+@pytest.mark.parametrize("item, key", [
+    ("agent.alpha=nan", "agent.alpha"), ("agent.alpha=.nan", "agent.alpha"), ("agent.beta=inf", "agent.beta"),
+    ("agent.beta=-.inf", "agent.beta"), ("train.total_steps=.inf", "train.total_steps"),
+    ("agent.target_entropy=.nan", "agent.target_entropy"),  # float | None
+    ("dynamics.weight_decay=[1.0e-5, .nan, 1.0e-5, 1.0e-5, 1.0e-5]", "dynamics.weight_decay[1]"),
+    ("runtime.learner_resources={node: .inf}", "runtime.learner_resources.node"),
+])
+def test_non_finite_numbers_are_config_errors_naming_the_key(item, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.dataset=x", item])
+    assert str(e.value).startswith(f"{key}: expected a finite number"), str(e.value)
+
+
+def test_non_finite_numbers_in_a_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml: rollout\.horizon: expected a finite number"):
+        load_config(_write(tmp_path, "data: {dataset: x}\nrollout: {horizon: .inf}\n"))
+
+
+def test_an_exponent_without_a_decimal_point_is_text_with_a_hint():
+    with pytest.raises(ConfigError, match=r"agent\.actor_lr: expected a number, got '1e-4' .*1\.0e-4"):
+        load_config(None, ["data.dataset=x", "agent.actor_lr=1e-4"])
+    assert load_config(None, ["data.dataset=x", "agent.actor_lr=1.0e-4"]).agent.actor_lr == 1e-4
+
+
+@pytest.mark.parametrize("tau, ok", [(0, False), (0.0, False), (-0.1, False), (1.5, False), (1e-6, True), (1, True)])
+def test_tau_must_lie_in_zero_one(tau, ok):
+    data = {"data": {"dataset": "x"}, "agent": {"tau": tau}}
+    if ok:
+        assert config_from_dict(data).agent.tau == tau
+    else:
+        with pytest.raises(ConfigError, match="agent.tau"):
+            config_from_dict(data)
+
+
+def test_errors_are_imported_from_dromo_ray_errors():
+    """dromo_ray.config is the file layer only: nobody imports the dataclasses or an error from it, and errors
+    come from dromo_ray.errors (not re-exported through a config module)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    file_layer = {"read_yaml", "compose_yaml", "parse_overrides", "load_config", "dump_config", "BASE_KEY"}
+    bad = []
+    for f in sorted([*root.joinpath("dromo_ray").rglob("*.py"), *root.joinpath("tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("dromo_ray.config", "dromo_ray.core.config"):
+                names = {a.name for a in node.names}
+                if node.module == "dromo_ray.config" and names - file_layer:
+                    bad.append(f"{f.relative_to(root)}:{node.lineno} {sorted(names - file_layer)}")
+                if any(n.endswith("Error") for n in names):
+                    bad.append(f"{f.relative_to(root)}:{node.lineno} {sorted(names)}")
+    assert not bad, bad

@@ -17,9 +17,10 @@ from dromo_ray.core.agents.dromo import DromoTerms
 from dromo_ray.core.agents.fused import twin_q
 from dromo_ray.core.agents.sac import PolicyDist, UpdateInputs, cosine_lr
 from dromo_ray.core.behavior import fit_behavior_policy
-from dromo_ray.core.config import AgentConfig, ConfigError, config_from_dict
+from dromo_ray.core.config import AgentConfig, config_from_dict
 from dromo_ray.core.density import ConstantDensity, KDEDensity, density_from_state
 from dromo_ray.core.types import Batch, MixedBatch
+from dromo_ray.errors import ConfigError
 
 TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
 ENVS = ("halfcheetah", "hopper", "walker2d")

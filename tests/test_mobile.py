@@ -14,9 +14,10 @@ import torch
 from dromo_ray.core import losses as L
 from dromo_ray.core.agents import make_agent, restore_agent
 from dromo_ray.core.agents.mobile import BellmanInconsistencyPenalty, bellman_inconsistency, ensemble_from_state
-from dromo_ray.core.config import AgentConfig, ConfigError, DynamicsConfig, config_from_dict
+from dromo_ray.core.config import AgentConfig, DynamicsConfig, config_from_dict
 from dromo_ray.core.dynamics import EnsembleDynamics
 from dromo_ray.core.types import Batch, MixedBatch
+from dromo_ray.errors import ConfigError
 
 OBS, ACT = 4, 2
 TUNE = Path(__file__).resolve().parents[1] / "tune_configs"

@@ -233,7 +233,7 @@ def test_bench_rejects_arguments_that_cannot_work(argv, flag, capsys):
 
 def test_tau_zero_is_a_config_error():
     from dromo_ray.config import load_config
-    from dromo_ray.core.config import ConfigError
+    from dromo_ray.errors import ConfigError
 
     tiny = ROOT / "tune_configs" / "tiny_hopper_dromo.yaml"
     with pytest.raises(ConfigError, match="agent.tau: must be > 0"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dromo_ray.core.config import ConfigError
+from dromo_ray.errors import ConfigError
 from dromo_ray.sweep import Cluster, check_resources, load_sweep, trial_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
