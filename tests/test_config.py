@@ -10,7 +10,7 @@ from dromo_ray.config import dump_config, load_config
 from dromo_ray.core.config import ExperimentConfig, config_from_dict, flatten
 from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
+TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -73,7 +73,7 @@ def test_flatten_keeps_resource_dicts():
 
 def test_every_shipped_config_is_valid():
     files = sorted(TUNE.glob("*.yaml"))
-    assert files, "tune_configs/ has no configs"
+    assert files, "tune_configs/tasks/ has no configs"
     for f in files:
         if f.name.startswith("sweep_"):
             continue
@@ -214,3 +214,98 @@ def test_errors_are_imported_from_dromo_ray_errors():
                 if any(n.endswith("Error") for n in names):
                     bad.append(f"{f.relative_to(root)}:{node.lineno} {sorted(names)}")
     assert not bad, bad
+
+
+# ---- tune_configs/: base.yaml + algos/ + tasks/ (a few lines each) + sweeps/ ---------------------------------
+
+CONFIGS = TUNE.parent
+SNAPSHOT = Path(__file__).resolve().parent / "data" / "task_configs_before.json"
+TASK_MAX_LINES = 20
+"""Every {algo}_{env} task file fits in this many lines, comments included (the longest today: 17)."""
+STANDALONE = {"tiny_hopper_dromo"}
+"""Task files complete by themselves: the tiny test/laptop run (sizes of no preset; tests copy it as one file)."""
+
+
+def _snapshot() -> dict:
+    import json
+
+    return json.loads(SNAPSHOT.read_text())
+
+
+def test_every_task_config_has_a_snapshot_and_every_snapshot_a_task():
+    """tests/data/task_configs_before.json holds the composed config of every task YAML before the base: layout,
+    keyed by file stem: no task lost, none added without a record."""
+    assert {f.stem for f in TUNE.glob("*.yaml")} == set(_snapshot())
+
+
+@pytest.mark.parametrize("stem", sorted(_snapshot()))
+def test_task_config_composes_to_what_the_old_file_said(stem):
+    """Values, not text: the composed config of tasks/<stem>.yaml is field for field what the 75-124-line file said,
+    int and float alike (compared as JSON too, so 1 and 1.0 differ), so no experiment silently changed."""
+    import json
+
+    from dromo_ray.core.config import to_dict
+
+    want = _snapshot()[stem]
+    got = json.loads(json.dumps(to_dict(load_config(TUNE / f"{stem}.yaml"))))
+    assert got == want
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+def _chain(path: Path) -> list[Path]:
+    import yaml
+
+    out = [path.resolve()]
+    while (base := (yaml.safe_load(out[-1].read_text()) or {}).get("base")) is not None:
+        out.append((out[-1].parent / base).resolve())
+    return out
+
+
+def test_task_files_are_a_few_lines_over_an_algorithm_and_the_shared_base():
+    """tasks/<algo>_<env>[_aligned].yaml: at most TASK_MAX_LINES lines, a base: chain through algos/<algo>.yaml that
+    ends at base.yaml; algos/ holds one file per algorithm of the project's learner (core.config.AGENT_ALGORITHMS)."""
+    import yaml
+
+    from dromo_ray.core.config import AGENT_ALGORITHMS, ENV_KEYS
+
+    base_yaml = (CONFIGS / "base.yaml").resolve()
+    for f in sorted(TUNE.glob("*.yaml")):
+        if f.stem in STANDALONE:
+            assert "base" not in yaml.safe_load(f.read_text()), f.name
+            continue
+        lines = f.read_text().splitlines()
+        assert len(lines) <= TASK_MAX_LINES, f"{f.name}: {len(lines)} lines"
+        cfg, chain = load_config(f), _chain(f)
+        assert chain[-1] == base_yaml, f"{f.name}: its base: chain does not end at base.yaml"
+        assert cfg.agent.algorithm in [p.stem for p in chain if p.parent.name == "algos"], f.name
+        assert cfg.data.env in ENV_KEYS and f.stem in (f"{cfg.agent.algorithm}_{cfg.data.env}",
+                                                       f"{cfg.agent.algorithm}_{cfg.data.env}_aligned"), f.name
+    assert sorted(p.stem for p in (CONFIGS / "algos").glob("*.yaml")) == sorted(AGENT_ALGORITHMS)
+    for a in AGENT_ALGORITHMS:
+        assert load_config(CONFIGS / "algos" / f"{a}.yaml", ["data.dataset=x"]).agent.algorithm == a
+        assert _chain(CONFIGS / "algos" / f"{a}.yaml")[-1] == base_yaml, a
+
+
+def test_every_preset_number_has_a_comment_beside_or_above_it():
+    """A number in base.yaml, algos/ or tasks/ carries its source: an inline comment, or a comment above it within
+    its section (the section's heading comment included)."""
+    import re
+
+    number = re.compile(r"^\s+\w+: (-?[0-9.][0-9.e+-]*|\[[0-9., e+-]+\])\s*(#.*)?$")
+    files = [CONFIGS / "base.yaml", *sorted((CONFIGS / "algos").glob("*.yaml")),
+             *(f for f in sorted(TUNE.glob("*.yaml")) if f.stem not in STANDALONE)]
+    bare = []
+    for f in files:
+        lines = f.read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = number.match(line)
+            if not m or m.group(2):
+                continue
+            j = i - 1
+            while j >= 0 and not lines[j].lstrip().startswith("#") and lines[j].startswith(" "):
+                j -= 1  # up through the section's other keys
+            if j >= 0 and not lines[j].lstrip().startswith("#"):
+                j -= 1  # the section heading: its comment sits above it
+            if j < 0 or not lines[j].lstrip().startswith("#"):
+                bare.append(f"{f.relative_to(CONFIGS)}:{i + 1}: {line.strip()}")
+    assert not bare, bare

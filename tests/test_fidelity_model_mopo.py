@@ -26,7 +26,7 @@ from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.rollout import rollout, rollout_stats
 from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
+TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Model blow-up: every env stops a row whose predicted s' leaves (-100, 100)

@@ -28,7 +28,7 @@ from dromo_ray.tracking import TrackingError, check_tracking_store
 from dromo_ray.train import plan_resume
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tune_configs" / "tiny_hopper_dromo.yaml"
+TINY = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 
 
 def _cfg(dataset, out, *extra):
