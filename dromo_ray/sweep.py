@@ -4,7 +4,7 @@ A sweep file is a train config (the same sections and field names, or a ``base:`
 sections override) plus the keys of the search::
 
     name: tiny                           # Tune experiment name: <storage_path>/<name>; default: the file's stem
-    base: tiny_hopper_dromo.yaml         # a train config, relative to this file (optional)
+    base: ../tasks/tiny_hopper_dromo.yaml  # a train config, relative to this file (optional)
     tracking: {experiment: sweep_tiny}   # any config section, overriding the base
     search:                              # dotted config keys -> one distribution each
       agent.algorithm: {grid: [dromo, combo]}
