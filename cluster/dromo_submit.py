@@ -2,7 +2,7 @@
 
 ``ray submit`` uploads a Python script to the head and runs it there with the given arguments::
 
-    ray submit cluster/aws-gpu.yaml cluster/dromo_submit.py -- sweep tune_configs/<sweep>.yaml
+    ray submit cluster/aws-gpu.yaml cluster/dromo_submit.py -- sweep tune_configs/sweeps/<sweep>.yaml
 
 This script moves into the synced repository (``~/dromo_ray``, or ``$DROMO_REPO``) so that relative
 paths such as ``tune_configs/...`` resolve, then replaces itself with ``dromo-ray <arguments>``. The

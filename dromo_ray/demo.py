@@ -25,7 +25,7 @@ DEMO_ROWS = 20_000
 
 
 def demo_config(dataset: str, out_dir: str, seed: int, steps: int) -> dict[str, Any]:
-    """A small but complete DROMO run; every knob has the name it has in tune_configs/*.yaml."""
+    """A small but complete DROMO run; every knob has the name it has in tune_configs/tasks/*.yaml."""
     return {
         "seed": seed,
         "device": "auto",

@@ -4,7 +4,7 @@ A sweep file is a train config (the same sections and field names, or a ``base:`
 sections override) plus the keys of the search::
 
     name: tiny                           # Tune experiment name: <storage_path>/<name>; default: the file's stem
-    base: tiny_hopper_dromo.yaml         # a train config, relative to this file (optional)
+    base: ../tasks/tiny_hopper_dromo.yaml  # a train config, relative to this file (optional)
     tracking: {experiment: sweep_tiny}   # any config section, overriding the base
     search:                              # dotted config keys -> one distribution each
       agent.algorithm: {grid: [dromo, combo]}
@@ -73,15 +73,15 @@ from typing import Any
 
 from ray import tune
 
-from dromo_ray.config import read_yaml
+from dromo_ray.config import compose_yaml, read_yaml
 from dromo_ray.core.config import (
-    ConfigError,
     ExperimentConfig,
     apply_overrides,
     config_from_dict,
     flatten,
     to_dict,
 )
+from dromo_ray.errors import ConfigError
 from dromo_ray.runtime.cluster import REPLAY_CPUS, Cluster, check_fits, fmt_resources, learner_gpus, start_ray
 
 SWEEP_KEYS = ("name", "base", "search", "seeds", "metric", "mode", "num_samples", "max_concurrent_trials",
@@ -206,7 +206,7 @@ def _load_sweep(p: Path) -> SweepSpec:
         if not isinstance(raw["base"], str):
             raise ConfigError(f"base: expected a config file path, got {raw['base']!r}")
         base_path = (p.parent / raw["base"]) if not Path(raw["base"]).is_absolute() else Path(raw["base"])
-        data = read_yaml(base_path)
+        data = compose_yaml(base_path)  # the base's own base: chain composed
         try:
             config_from_dict(data)
         except ConfigError as e:

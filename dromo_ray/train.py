@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dromo_ray.config import dump_config, load_config
-from dromo_ray.core.config import ConfigError, ExperimentConfig
+from dromo_ray.core.config import ExperimentConfig
+from dromo_ray.errors import ConfigError
 from dromo_ray.tracking import (
     MlflowTracker,
     check_tracking_store,

@@ -300,7 +300,7 @@ def test_dromo_submit_runs_dromo_ray_from_the_repository():
     spec = importlib.util.spec_from_file_location("dromo_submit", CLUSTER / "dromo_submit.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.command(["sweep", "tune_configs/x.yaml"]) == ["dromo-ray", "sweep", "tune_configs/x.yaml"]
+    assert mod.command(["sweep", "tune_configs/sweeps/x.yaml"]) == ["dromo-ray", "sweep", "tune_configs/sweeps/x.yaml"]
     assert mod.main([]) == 2
 
 
@@ -370,7 +370,7 @@ def test_kuberay_cluster_groups_and_resources():
 def test_kuberay_job_runs_a_dromo_ray_sweep_with_mlflow():
     docs = kuberay_docs()
     cluster, job = one(docs, "RayCluster"), one(docs, "RayJob")["spec"]
-    assert re.fullmatch(r"dromo-ray sweep tune_configs/[\w.-]+\.yaml", job["entrypoint"])
+    assert re.fullmatch(r"dromo-ray sweep tune_configs/sweeps/[\w.-]+\.yaml", job["entrypoint"])
     assert (REPO / job["entrypoint"].split()[-1]).is_file(), "the RayJob runs a sweep of this repository"
     assert job["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
 

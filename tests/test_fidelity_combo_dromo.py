@@ -17,11 +17,13 @@ from dromo_ray.core.agents.dromo import DromoTerms
 from dromo_ray.core.agents.fused import twin_q
 from dromo_ray.core.agents.sac import PolicyDist, UpdateInputs, cosine_lr
 from dromo_ray.core.behavior import fit_behavior_policy
-from dromo_ray.core.config import AgentConfig, ConfigError, config_from_dict
+from dromo_ray.core.config import AgentConfig, config_from_dict
 from dromo_ray.core.density import ConstantDensity, KDEDensity, density_from_state
 from dromo_ray.core.types import Batch, MixedBatch
+from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
+TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
+SWEEPS = TUNE.parent / "sweeps"
 ENVS = ("halfcheetah", "hopper", "walker2d")
 PUBLISHED = {  # env: (β, rollout length h) — COMBO appendix C and OfflineRL-Kit run_combo.py's suggested hypers
     "halfcheetah": (0.5, 5), "hopper": (5.0, 5), "walker2d": (5.0, 1),
@@ -283,7 +285,7 @@ def test_alpha_one_moves_the_critic_visibly_on_real_hopper_transitions(tiny_hopp
 def test_sweep_arms_both_sweep_a_real_alpha(tiny_hopper_dataset):
     """Each density arm of sweep_dromo_alpha_hopper.yaml, at its largest α, makes the variance gradient at least
     half the Bellman gradient, and at its smallest α at most a tenth of it (|D| = 1e6 as on D4RL)."""
-    spec = yaml.safe_load((TUNE / "sweep_dromo_alpha_hopper.yaml").read_text())
+    spec = yaml.safe_load((SWEEPS / "sweep_dromo_alpha_hopper.yaml").read_text())
     lo, hi = spec["search"]["agent.alpha"]["loguniform"]
     arms = spec["search"]["agent.density"]["grid"]
     assert sorted(arms) == ["constant", "kde"] and hi / lo >= 100

@@ -18,14 +18,15 @@ import torch
 
 from dromo_ray.config import load_config
 from dromo_ray.core.agents.mopo import DualPenalty
-from dromo_ray.core.config import MBPO_WEIGHT_DECAY, ConfigError, DynamicsConfig, config_from_dict
+from dromo_ray.core.config import MBPO_WEIGHT_DECAY, DynamicsConfig, config_from_dict
 from dromo_ray.core.dynamics import DynamicsTrainer, EnsembleDynamics, make_inputs_targets, train_ensemble
 from dromo_ray.core.envs import ENVS, halfcheetah_termination
 from dromo_ray.core.model_env import ModelEnv, entropy_reference, model_blowup
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.rollout import rollout, rollout_stats
+from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
+TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Model blow-up: every env stops a row whose predicted s' leaves (-100, 100)

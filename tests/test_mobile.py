@@ -14,12 +14,14 @@ import torch
 from dromo_ray.core import losses as L
 from dromo_ray.core.agents import make_agent, restore_agent
 from dromo_ray.core.agents.mobile import BellmanInconsistencyPenalty, bellman_inconsistency, ensemble_from_state
-from dromo_ray.core.config import AgentConfig, ConfigError, DynamicsConfig, config_from_dict
+from dromo_ray.core.config import AgentConfig, DynamicsConfig, config_from_dict
 from dromo_ray.core.dynamics import EnsembleDynamics
 from dromo_ray.core.types import Batch, MixedBatch
+from dromo_ray.errors import ConfigError
 
 OBS, ACT = 4, 2
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs"
+TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
+SWEEPS = TUNE.parent / "sweeps"
 TINY = dict(hidden_dims=(32, 32), batch_size=16, critic_lr=1e-3, actor_lr=1e-3)
 
 
@@ -291,7 +293,7 @@ def test_tiny_mobile_sweep_file_validates(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hopper_random-v5.hdf5").write_bytes(b"")
-    spec = load_sweep(TUNE / "sweep_tiny_mobile.yaml")
+    spec = load_sweep(SWEEPS / "sweep_tiny_mobile.yaml")
     assert spec.expected_trials() == 4 and spec.seeds == [0, 1]
     assert spec.search["agent.algorithm"].candidates() == ["mobile", "mopo"]
     cfg = spec.config_obj({"agent.algorithm": "mobile", "seed": 1})

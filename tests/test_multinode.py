@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = Path(__file__).resolve().parents[1] / "tune_configs" / "tiny_hopper_dromo.yaml"
+TINY = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 
 
 def _free_port_block(n: int = 220) -> int:

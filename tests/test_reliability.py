@@ -19,15 +19,16 @@ import torch
 
 from dromo_ray.cli import main
 from dromo_ray.config import dump_config, load_config
-from dromo_ray.core.config import ConfigError, to_dict
+from dromo_ray.core.config import to_dict
 from dromo_ray.core.messages import plain_message
+from dromo_ray.errors import ConfigError
 from dromo_ray.runtime.checkpoint import CheckpointError
 from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
 from dromo_ray.tracking import TrackingError, check_tracking_store
 from dromo_ray.train import plan_resume
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tune_configs" / "tiny_hopper_dromo.yaml"
+TINY = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 
 
 def _cfg(dataset, out, *extra):

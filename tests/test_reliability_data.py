@@ -233,9 +233,9 @@ def test_bench_rejects_arguments_that_cannot_work(argv, flag, capsys):
 
 def test_tau_zero_is_a_config_error():
     from dromo_ray.config import load_config
-    from dromo_ray.core.config import ConfigError
+    from dromo_ray.errors import ConfigError
 
-    tiny = ROOT / "tune_configs" / "tiny_hopper_dromo.yaml"
+    tiny = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
     with pytest.raises(ConfigError, match="agent.tau: must be > 0"):
         load_config(tiny, ["agent.tau=0"])
     assert load_config(tiny, ["agent.tau=1"]).agent.tau == 1.0
@@ -264,7 +264,7 @@ def test_actions_outside_the_box_are_refused_unless_allowed(tmp_path, capsys):
     # at the next check, an out_dir that cannot be created, before Ray or MLflow start)
     (tmp_path / "a_file").write_text("x")
     cfg = tmp_path / "c.yaml"
-    dump_config(load_config(ROOT / "tune_configs" / "tiny_hopper_dromo.yaml",
+    dump_config(load_config(ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml",
                             [f"data.dataset={path}", f"out_dir={tmp_path / 'a_file' / 'runs'}"]), cfg)
     uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     assert main(["train", str(cfg), *uri]) == 2

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from dromo_ray.core.config import ConfigError
+from dromo_ray.errors import ConfigError
 from dromo_ray.sweep import Cluster, check_resources, load_sweep, trial_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
-TUNE = ROOT / "tune_configs"
-TINY = TUNE / "tiny_hopper_dromo.yaml"
+TUNE = ROOT / "tune_configs" / "sweeps"
+TINY = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 
 
 def _write(tmp_path: Path, doc: dict, name: str = "sweep_x.yaml") -> Path:

@@ -140,8 +140,8 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
 
     from dromo_ray.behavior.export import export_policy, learner_module
     from dromo_ray.behavior.train import build_algo_in
-    from dromo_ray.core.config import ConfigError
     from dromo_ray.data.gym_env import evaluate_policy
+    from dromo_ray.errors import ConfigError
     from dromo_ray.runtime.driver import RunFailed, RunResult
 
     if resume:

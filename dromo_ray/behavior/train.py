@@ -344,7 +344,7 @@ def run_train(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         progress=sys.stderr.isatty() and not args.json,
     )
-    from dromo_ray.core.config import ConfigError  # a user error the CLI prints as one line (no import of cli)
+    from dromo_ray.errors import ConfigError  # a user error the CLI prints as one line (no import of cli)
 
     try:
         cfg.validate()

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train / evaluate ---------------------------------------------------------------------------------
     p = sub.add_parser("train", help="one run of Algorithm 1 on Ray, tracked in MLflow")
-    p.add_argument("config", help="YAML config (see tune_configs/)")
+    p.add_argument("config", help="YAML config (see tune_configs/tasks/)")
     _add_set(p)
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "an embedded sqlite store under out_dir)")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # sweep / report -----------------------------------------------------------------------------------
     p = sub.add_parser("sweep", help="a Ray Tune sweep; every trial is an MLflow run under one parent")
-    p.add_argument("sweep", help="sweep YAML (see tune_configs/)")
+    p.add_argument("sweep", help="sweep YAML (see tune_configs/sweeps/)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--json", action="store_true")

@@ -18,7 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from dromo_ray.core.config import ConfigError, ExperimentConfig
+from dromo_ray.core.config import ExperimentConfig
+from dromo_ray.errors import ConfigError
 
 REPLAY_CPUS = 0.01
 """The replay actor's CPU request (runtime/driver.py)."""

@@ -349,7 +349,7 @@ def check_compatible(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> None:
                          ("dynamics", "hidden_dims"), ("runtime", "synchronous")]:
         a, b = _plain(old[section][key]), _plain(to_dict(cfg)[section][key])
         if a != b:
-            from dromo_ray.core.config import ConfigError
+            from dromo_ray.errors import ConfigError
 
             raise ConfigError(f"{section}.{key}: checkpoint has {a!r}, config has {b!r}")
 
