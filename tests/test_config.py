@@ -181,10 +181,16 @@ def test_non_finite_numbers_in_a_yaml_file(tmp_path):
         load_config(_write(tmp_path, "data: {dataset: x}\nrollout: {horizon: .inf}\n"))
 
 
-def test_an_exponent_without_a_decimal_point_is_text_with_a_hint():
-    with pytest.raises(ConfigError, match=r"agent\.actor_lr: expected a number, got '1e-4' .*1\.0e-4"):
-        load_config(None, ["data.dataset=x", "agent.actor_lr=1e-4"])
+def test_an_exponent_without_a_decimal_point_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as text; the config reads it as the number everyone means, in --set and files."""
+    assert load_config(None, ["data.dataset=x", "agent.actor_lr=1e-4"]).agent.actor_lr == 1e-4
     assert load_config(None, ["data.dataset=x", "agent.actor_lr=1.0e-4"]).agent.actor_lr == 1e-4
+    assert load_config(None, ["data.dataset=x", "train.total_steps=1e6"]).train.total_steps == 1_000_000
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {dataset: x}\nagent: {critic_lr: 3e-4}\n")
+    assert load_config(f).agent.critic_lr == 3e-4
+    with pytest.raises(ConfigError, match=r"agent\.actor_lr: expected a number, got '0.5' \(text"):
+        load_config(None, ["data.dataset=x", "agent.actor_lr='0.5'"])
 
 
 @pytest.mark.parametrize("tau, ok", [(0, False), (0.0, False), (-0.1, False), (1.5, False), (1e-6, True), (1, True)])

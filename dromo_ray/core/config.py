@@ -469,11 +469,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             as_number = _number_text(value)
             if as_number is not None and not math.isfinite(as_number):  # --set x=nan, x: inf (text in YAML)
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-            hint = ""
-            if as_number is not None:
-                hint = (" (text: YAML reads an exponent without a decimal point as text; write 1.0e-4, not 1e-4)"
-                        if "e" in value.lower() else " (text, not a number: write it unquoted)")
-            raise ConfigError(f"{key}: expected {kind}, got {value!r}{hint}")
+            if as_number is not None and "e" in value.lower():
+                # PyYAML follows YAML 1.1, which reads 1e-4 (an exponent without a decimal point) as text; YAML 1.2,
+                # Python and every user read it as a number, so it is one here (in files and in --set alike).
+                value = as_number
+            else:
+                hint = " (text, not a number: write it unquoted)" if as_number is not None else ""
+                raise ConfigError(f"{key}: expected {kind}, got {value!r}{hint}")
         # .inf / .nan in YAML and --set: no field of the config means "unbounded", so a non-finite number is an error
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
