@@ -136,7 +136,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
     """
     import ray
 
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
     from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
     from dromo_ray.runtime.driver import RunFailed, run_experiment
 

@@ -75,7 +75,7 @@ def test_index_lists_checkpoints_with_returns(sac_run):
 
 
 def test_replay_log_is_every_transition_and_loads(sac_run):
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     log = load_dataset(str(sac_run.out / "replay.hdf5"))
     assert len(log) == STEPS and log.env_id == "hopper"
@@ -192,7 +192,7 @@ def test_export_refuses_non_relu_networks(tmp_path):
 
 def test_suite_parts_load_validated_with_metadata(suite, sac_run, monkeypatch):
     from dromo_ray.behavior.suite import PARTS, d4rl_path, dataset_name, minari_id
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     out, manifest = suite
     monkeypatch.setenv("D4RL_DATASET_DIR", str(out / "d4rl"))

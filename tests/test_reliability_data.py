@@ -244,7 +244,7 @@ def test_tau_zero_is_a_config_error():
 def test_actions_outside_the_box_are_refused_unless_allowed(tmp_path, capsys):
     from dromo_ray.config import dump_config, load_config
     from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     act = np.zeros((6, 3), np.float32)
     act[2, 1] = 1.5

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from dromo_ray.data.dataset import OfflineDataset, load_dataset
+from dromo_ray.data.dataset import OfflineDataset
+from dromo_ray.data.load import load_dataset
 
 
 def dataset_info(ds: OfflineDataset) -> dict[str, Any]:
