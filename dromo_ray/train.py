@@ -186,7 +186,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
 
         try:
             if cfg.agent.algorithm == "cql_rllib":  # model-free CQL (RLlib) in the same comparison
-                from dromo_ray.behavior.cql_rllib import run_cql_rllib
+                from dromo_ray.rllib.cql import run_cql_rllib
 
                 result = run_cql_rllib(cfg, dataset, run_dir, reporter=report, resume=None, progress=progress,
                                        on_start=info.update)

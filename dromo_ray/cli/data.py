@@ -37,6 +37,17 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def cmd_suite_make(args: argparse.Namespace) -> int:
-    from dromo_ray.behavior.suite import run_suite
+    """``dromo-ray suite make``: one line per part as it is made, then the suite's table (or the manifest)."""
+    from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.data.suite import PARTS, make_suite, summary_table
 
-    return run_suite(args)
+    set_torch_threads(1)
+    parts = PARTS if args.parts in ("", "all") else tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    manifest = make_suite(
+        args.env, args.size, args.out or f"suite_{args.env}", args.policies or None,
+        seed=args.seed, parts=parts, deterministic=args.deterministic, minari=not args.no_minari,
+        progress=sys.stderr.isatty() and not args.json,
+        log=None if args.json else (lambda s: print(s, flush=True)), expert_rule=args.expert,
+    )
+    print(json.dumps(manifest, indent=2) if args.json else summary_table(manifest))
+    return 0
