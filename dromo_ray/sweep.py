@@ -276,7 +276,7 @@ def _int_key(raw: dict[str, Any], key: str, default: int, minimum: int) -> int:
 
 def _resolve_dataset(spec: str, sweep_dir: Path, key: str) -> str:
     """Absolute path for a local file (trials run in other working directories); error when nothing exists."""
-    from dromo_ray.data.dataset import d4rl_dataset_dir, d4rl_filenames
+    from dromo_ray.data.load import d4rl_dataset_dir, d4rl_filenames
 
     if spec.startswith("minari:"):
         return spec
@@ -583,7 +583,7 @@ def variant_label(trial_config: dict[str, Any]) -> str:
 def _env_key(cfg: ExperimentConfig) -> str:
     if cfg.data.env:
         return cfg.data.env
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     return load_dataset(cfg.data.dataset, allow_unbounded_actions=cfg.data.allow_unbounded_actions).env_id
 

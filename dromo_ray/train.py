@@ -137,7 +137,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
     """
     import ray
 
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
     from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
     from dromo_ray.runtime.driver import RunFailed, run_experiment
 
@@ -187,7 +187,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
 
         try:
             if cfg.agent.algorithm == "cql_rllib":  # model-free CQL (RLlib) in the same comparison
-                from dromo_ray.behavior.cql_rllib import run_cql_rllib
+                from dromo_ray.rllib.cql import run_cql_rllib
 
                 result = run_cql_rllib(cfg, dataset, run_dir, reporter=report, resume=None, progress=progress,
                                        on_start=info.update)

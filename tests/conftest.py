@@ -36,6 +36,6 @@ def tiny_hopper_hdf5(tmp_path_factory):
 def tiny_hopper_dataset(tiny_hopper_hdf5):
     """The :class:`~dromo_ray.data.dataset.OfflineDataset` loaded from ``tiny_hopper_hdf5`` (shared:
     do not mutate its arrays)."""
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     return load_dataset(str(tiny_hopper_hdf5))

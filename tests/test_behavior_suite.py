@@ -31,7 +31,7 @@ def _no_ray_left():
 
 @pytest.fixture(scope="module")
 def sac_run(tmp_path_factory):
-    from dromo_ray.behavior.train import BehaviorConfig, train_behavior
+    from dromo_ray.rllib.sac import BehaviorConfig, train_behavior
 
     out = tmp_path_factory.mktemp("behavior") / "hopper"
     cfg = BehaviorConfig(env="hopper", steps=STEPS, out=str(out), seed=0, hidden=(32, 32), checkpoint_every=EVERY,
@@ -46,7 +46,7 @@ def sac_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def suite(sac_run, tmp_path_factory):
-    from dromo_ray.behavior.suite import make_suite
+    from dromo_ray.data.suite import make_suite
 
     out = tmp_path_factory.mktemp("suite") / "hopper"
     manifest = make_suite("hopper", SIZE, out, sac_run.out, seed=7, progress=False)
@@ -57,7 +57,7 @@ def suite(sac_run, tmp_path_factory):
 
 
 def test_index_lists_checkpoints_with_returns(sac_run):
-    from dromo_ray.behavior.train import load_index
+    from dromo_ray.data.policy_io import load_index
 
     index = load_index(sac_run.out)
     assert index["complete"] and index["env"] == "hopper" and index["env_steps"] == STEPS
@@ -75,7 +75,7 @@ def test_index_lists_checkpoints_with_returns(sac_run):
 
 
 def test_replay_log_is_every_transition_and_loads(sac_run):
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     log = load_dataset(str(sac_run.out / "replay.hdf5"))
     assert len(log) == STEPS and log.env_id == "hopper"
@@ -102,7 +102,7 @@ def test_policy_files_load_safely_and_act(sac_run):
 
 
 def test_behavior_run_refuses_to_overwrite(sac_run):
-    from dromo_ray.behavior.train import BehaviorConfig, train_behavior
+    from dromo_ray.rllib.sac import BehaviorConfig, train_behavior
 
     with pytest.raises(FileExistsError):
         train_behavior(BehaviorConfig(env="hopper", steps=10, out=str(sac_run.out), progress=False))
@@ -116,7 +116,7 @@ def _module(cls, hidden=(16, 16), activation="relu"):
     import gymnasium as gym
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-    from dromo_ray.behavior.rllib_module import model_config
+    from dromo_ray.rllib.module import model_config
 
     mc = asdict(model_config(hidden))
     mc.update(fcnet_activation=activation, twin_q=True)
@@ -134,10 +134,10 @@ def _module(cls, hidden=(16, 16), activation="relu"):
 def test_export_matches_rllib_distribution(tmp_path):
     from ray.rllib.core.columns import Columns
 
-    from dromo_ray.behavior.export import check_parity, export_policy
-    from dromo_ray.behavior.rllib_module import SoftClampSACTorchRLModule
     from dromo_ray.core.nets import tanh_gaussian_log_prob
     from dromo_ray.data.policy_io import load_policy
+    from dromo_ray.rllib.export import check_parity, export_policy
+    from dromo_ray.rllib.module import SoftClampSACTorchRLModule
 
     module = _module(SoftClampSACTorchRLModule)
     obs = np.random.default_rng(0).normal(size=(512, 11)).astype(np.float32) * 3
@@ -169,7 +169,7 @@ def test_export_matches_rllib_distribution(tmp_path):
 def test_export_of_stock_module_is_deterministic_only(tmp_path):
     from ray.rllib.algorithms.sac.torch.default_sac_torch_rl_module import DefaultSACTorchRLModule
 
-    from dromo_ray.behavior.export import export_policy
+    from dromo_ray.rllib.export import export_policy
 
     obs = np.random.default_rng(1).normal(size=(64, 11)).astype(np.float32)
     path, report = export_policy(_module(DefaultSACTorchRLModule), tmp_path / "p.pt", obs)
@@ -178,8 +178,8 @@ def test_export_of_stock_module_is_deterministic_only(tmp_path):
 
 
 def test_export_refuses_non_relu_networks(tmp_path):
-    from dromo_ray.behavior.export import ExportError, export_policy
-    from dromo_ray.behavior.rllib_module import SoftClampSACTorchRLModule
+    from dromo_ray.rllib.export import ExportError, export_policy
+    from dromo_ray.rllib.module import SoftClampSACTorchRLModule
 
     with pytest.raises(ExportError, match="Linear/ReLU"):
         export_policy(_module(SoftClampSACTorchRLModule, activation="tanh"), tmp_path / "p.pt",
@@ -191,8 +191,8 @@ def test_export_refuses_non_relu_networks(tmp_path):
 
 
 def test_suite_parts_load_validated_with_metadata(suite, sac_run, monkeypatch):
-    from dromo_ray.behavior.suite import PARTS, d4rl_path, dataset_name, minari_id
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
+    from dromo_ray.data.suite import PARTS, d4rl_path, dataset_name, minari_id
 
     out, manifest = suite
     monkeypatch.setenv("D4RL_DATASET_DIR", str(out / "d4rl"))
@@ -234,7 +234,7 @@ def test_suite_selects_medium_by_a_third_of_expert(suite, sac_run):
 
 
 def test_select_checkpoints_rules():
-    from dromo_ray.behavior.suite import select_checkpoints
+    from dromo_ray.data.suite import select_checkpoints
 
     rets = [10.0, 120.0, 300.0, 900.0, 600.0]
     index = {"final": "c4", "checkpoints": [
@@ -251,8 +251,8 @@ def test_select_checkpoints_rules():
 
 
 def test_medium_expert_is_medium_then_expert_row_for_row(suite):
-    from dromo_ray.behavior.suite import d4rl_path
     from dromo_ray.data.d4rl_io import read_d4rl
+    from dromo_ray.data.suite import d4rl_path
 
     out, _ = suite
     med, exp, me = (read_d4rl(d4rl_path(out, "hopper", p)) for p in ("medium", "expert", "medium-expert"))
@@ -269,8 +269,8 @@ def test_medium_expert_is_medium_then_expert_row_for_row(suite):
 
 
 def test_medium_replay_is_the_log_up_to_the_medium_checkpoint(suite, sac_run):
-    from dromo_ray.behavior.suite import d4rl_path
     from dromo_ray.data.d4rl_io import read_d4rl
+    from dromo_ray.data.suite import d4rl_path
 
     out, manifest = suite
     medium = next(c for c in sac_run.checkpoints if c["name"] == manifest["selection"]["medium"])
@@ -285,7 +285,7 @@ def test_medium_replay_is_the_log_up_to_the_medium_checkpoint(suite, sac_run):
 
 
 def test_suite_resumes_and_refuses_other_settings(suite, sac_run):
-    from dromo_ray.behavior.suite import PARTS, d4rl_path, make_suite
+    from dromo_ray.data.suite import PARTS, d4rl_path, make_suite
     from dromo_ray.errors import DatasetError
 
     out, manifest = suite
@@ -300,7 +300,7 @@ def test_suite_resumes_and_refuses_other_settings(suite, sac_run):
 
 
 def test_suite_resumes_a_half_made_suite(sac_run, tmp_path):
-    from dromo_ray.behavior.suite import make_suite
+    from dromo_ray.data.suite import make_suite
 
     out = tmp_path / "half"
     first = make_suite("hopper", 200, out, sac_run.out, parts=("random",), minari=False, progress=False)
@@ -336,8 +336,8 @@ def test_cli_parsers_and_suite_make_smoke(suite, sac_run, capsys):
 
 @pytest.mark.slow
 def test_full_size_hopper_suite(tmp_path):
-    from dromo_ray.behavior.suite import make_suite
-    from dromo_ray.behavior.train import BehaviorConfig, train_behavior
+    from dromo_ray.data.suite import make_suite
+    from dromo_ray.rllib.sac import BehaviorConfig, train_behavior
 
     res = train_behavior(BehaviorConfig(env="hopper", steps=1_000_000, out=str(tmp_path / "beh"), progress=True))
     manifest = make_suite("hopper", 1_000_000, tmp_path / "suite", res.out, progress=True)

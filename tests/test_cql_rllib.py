@@ -35,7 +35,7 @@ def _cfg(dataset: str, out_dir, total: int = 40):
 def test_parquet_conversion_is_row_for_row(tiny_hopper_dataset, tmp_path):
     import pyarrow.parquet as pq
 
-    from dromo_ray.behavior.cql_rllib import dataset_to_parquet
+    from dromo_ray.rllib.cql import dataset_to_parquet
 
     ds = tiny_hopper_dataset
     t = pq.read_table(dataset_to_parquet(ds, tmp_path / "pq") / "data.parquet")
@@ -53,8 +53,8 @@ def test_parquet_conversion_is_row_for_row(tiny_hopper_dataset, tmp_path):
 def test_cql_rllib_trains_evaluates_and_logs_to_mlflow(tiny_hopper_hdf5, tiny_hopper_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dromo_ray.behavior.cql_rllib import run_cql_rllib
     from dromo_ray.data.policy_io import load_policy
+    from dromo_ray.rllib.cql import run_cql_rllib
     from dromo_ray.tracking import MlflowTracker, run_tags
 
     cfg = _cfg(str(tiny_hopper_hdf5), tmp_path)

@@ -8,8 +8,8 @@ import torch
 
 from dromo_ray.cli import main
 from dromo_ray.core.envs import ENVS
-from dromo_ray.data.dataset import load_dataset
 from dromo_ray.data.gym_env import collect_transitions, evaluate_policy
+from dromo_ray.data.load import load_dataset
 
 
 def _assert_termination_agrees(ds) -> None:

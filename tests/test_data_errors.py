@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dromo_ray.cli import main
-from dromo_ray.data.dataset import load_dataset
+from dromo_ray.data.load import load_dataset
 from dromo_ray.errors import DatasetError
 
 ROWS = 200

@@ -88,8 +88,8 @@ def test_replay_by_actions_is_bitwise_the_runs_transitions(straight_run):
 
 
 def test_ship_and_make_suite_from_shipped_policies(straight_run, tmp_path):
-    from dromo_ray.behavior.suite import make_suite
     from dromo_ray.data.shipped import medium_replay, ship_checkpoint
+    from dromo_ray.data.suite import make_suite
 
     shipdir = tmp_path / "shipped"
     e = ship_checkpoint(straight_run, "medium", "step_00000600", episodes=2, directory=shipdir)

@@ -80,14 +80,14 @@ def _replay_actions(d: Path) -> Path:
 
 
 def _behavior_json(d: Path) -> Path:
-    from dromo_ray.behavior.train import _write_json
+    from dromo_ray.rllib.sac import _write_json
 
     _write_json(d / "index.json", {"a": 1})
     return d / "index.json"
 
 
 def _parquet(d: Path) -> Path:
-    from dromo_ray.behavior.cql_rllib import dataset_to_parquet
+    from dromo_ray.rllib.cql import dataset_to_parquet
 
     dataset_to_parquet(_tiny_ds(), d)
     return d / "data.parquet"
@@ -244,7 +244,7 @@ def test_tau_zero_is_a_config_error():
 def test_actions_outside_the_box_are_refused_unless_allowed(tmp_path, capsys):
     from dromo_ray.config import dump_config, load_config
     from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     act = np.zeros((6, 3), np.float32)
     act[2, 1] = 1.5
@@ -316,7 +316,7 @@ def test_rllib_algorithms_log_inside_the_run_directory(tmp_path, monkeypatch):
     import ray.tune.trainable.trainable as trainable_mod
     from ray.tune import Trainable
 
-    from dromo_ray.behavior.train import build_algo_in
+    from dromo_ray.rllib.algo import build_algo_in
 
     default = tmp_path / "home" / "ray_results"
     monkeypatch.setattr(trainable_mod, "DEFAULT_STORAGE_PATH", str(default))  # where RLlib would write

@@ -159,6 +159,6 @@ def test_non_finite_loss_stops_cleanly_and_marks_mlflow_failed(ray_local, tiny_h
 
 
 def _load(path):
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
 
     return load_dataset(str(path))

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from dromo_ray.core.tabular import (
+from dromo_ray.theory.tabular import (
     DromoProblem,
     TabularMDP,
     affine_in_beta,

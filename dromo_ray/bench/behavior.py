@@ -46,7 +46,7 @@ def measure_rllib(env: str, steps: int, batch: int, warmup: int, fragment: int =
 
     import ray
 
-    from dromo_ray.behavior.train import BehaviorConfig, build_sac_config
+    from dromo_ray.rllib.sac import BehaviorConfig, build_sac_config
 
     cfg = BehaviorConfig(env=env, steps=warmup + steps, learning_starts=warmup, batch_size=batch,
                          updates_every=fragment, checkpoint_every=fragment, progress=False).validate()

@@ -21,15 +21,7 @@ def _parse_widths(text: str, flag: str) -> tuple[int, ...]:
 def cmd_behavior_train(args: argparse.Namespace) -> int:
     """``dromo-ray behavior train``."""
     if args.backend == "rllib":
-        from dromo_ray.behavior.train import run_train
-
-        if args.resume:
-            raise UserError("--resume: the rllib backend is not resumable; use --backend sac")
-        if args.env is None:
-            raise UserError("--env is required")
-        args.learning_starts = 10_000 if args.learning_starts is None else args.learning_starts
-        args.steps = 1_000_000 if args.steps is None else args.steps
-        return run_train(args)
+        return _train_rllib(args)
     import json
 
     from dromo_ray.core.threads import set_torch_threads
@@ -89,3 +81,35 @@ def cmd_behavior_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_rllib(args: argparse.Namespace) -> int:
+    """``behavior train --backend rllib``: RLlib SAC (:mod:`dromo_ray.rllib.sac`), not resumable."""
+    import json
+
+    from dromo_ray.core.threads import set_torch_threads
+
+    if args.resume:
+        raise UserError("--resume: the rllib backend is not resumable; use --backend sac")
+    if args.env is None:
+        raise UserError("--env is required")
+    set_torch_threads(1)
+    from dromo_ray.rllib.sac import BehaviorConfig, summary_table, train_behavior
+
+    cfg = BehaviorConfig(
+        env=args.env, steps=1_000_000 if args.steps is None else args.steps, out=args.out or "", seed=args.seed,
+        hidden=_parse_widths(args.hidden, "--hidden"), checkpoint_every=args.checkpoint_every,
+        eval_episodes=args.eval_episodes,
+        learning_starts=10_000 if args.learning_starts is None else args.learning_starts,
+        updates_every=args.updates_every, save_rllib=args.save_rllib, time_limit_s=args.time_limit,
+        progress=sys.stderr.isatty() and not args.json,
+    ).validate()  # a ConfigError names the field and its flag
+    try:
+        res = train_behavior(cfg)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(res.index, indent=2))
+    else:
+        print(summary_table(res.index))
+        print(f"wrote {res.out}/index.json, {res.out}/replay.hdf5 ({res.index['env_steps']} transitions) and "
+              f"{len(res.checkpoints)} policy files in {res.index['wall_s']:.0f}s")
+    return 0

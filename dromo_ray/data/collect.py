@@ -1,69 +1,90 @@
-"""``dromo-ray collect``: record an offline dataset with a real Gymnasium v5 MuJoCo environment.
+"""Record an offline dataset with a real Gymnasium v5 MuJoCo environment and write it (``dromo-ray collect``).
 
-    dromo-ray collect --env hopper --policy random --steps 100000 --out data/hopper_random.hdf5
-    dromo-ray collect --env hopper --policy actor.pt --noise 0.1 --steps 100000 \\
-        --format minari --out dromo/hopper-medium-v0
+    collect_dataset("hopper", 100_000, "data/hopper_random.hdf5")
+    collect_dataset("hopper", 100_000, "dromo/hopper-medium-v0", policy="actor.pt", noise=0.1, fmt="minari")
 
 Transitions are gathered in memory, then written atomically: an interrupted or failing run leaves no file.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from dromo_ray.errors import DatasetError
+from dromo_ray.data.d4rl_io import write_d4rl
+from dromo_ray.data.dataset import OfflineDataset
+from dromo_ray.data.gym_env import ActFn, collect_transitions, env_spec
+from dromo_ray.data.minari_io import check_dataset_id, minari_root, write_minari
+from dromo_ray.data.policy_io import load_policy
+from dromo_ray.errors import ConfigError, DatasetError
+
+Format = Literal["d4rl", "minari"]
 
 
-def run(args: argparse.Namespace) -> int:
-    from dromo_ray.data.gym_env import ActFn, collect_transitions, env_spec
+@dataclass(frozen=True)
+class CollectResult:
+    """What :func:`collect_dataset` recorded and where it went."""
 
-    spec = env_spec(args.env)
-    if args.steps < 1:
-        raise DatasetError(str(args.out), f"--steps must be >= 1, got {args.steps}")
-    if args.noise < 0:
-        raise DatasetError(str(args.out), f"--noise must be >= 0, got {args.noise}")
-    if args.format == "minari":
-        from dromo_ray.data.minari_io import check_dataset_id, minari_root
+    dataset: OfflineDataset
+    """The recorded transitions (N = ``steps`` rows; the last episode usually partial)."""
+    written: str
+    """The HDF5 path written, or ``Minari dataset <id> (<directory>)``."""
+    policy_name: str
+    """``random`` or the policy file's path, as the dataset's metadata records it."""
 
-        check_dataset_id(args.out)
-        if (minari_root() / args.out).exists():
-            raise DatasetError(f"minari:{args.out}", f"a Minari dataset with this id already exists under "
+
+def check_output(out: str, fmt: Format) -> None:
+    """:class:`DatasetError` unless ``out`` can be written: a well-formed Minari id that does not exist yet, or
+    an HDF5 path that is not a directory."""
+    if fmt == "minari":
+        check_dataset_id(out)
+        if (minari_root() / out).exists():
+            raise DatasetError(f"minari:{out}", f"a Minari dataset with this id already exists under "
                                f"{minari_root()}; choose another id")
-    elif Path(args.out).is_dir():
-        raise DatasetError(str(args.out), "is a directory; --out names the HDF5 file to write")
+    elif Path(out).is_dir():
+        raise DatasetError(str(out), "is a directory; --out names the HDF5 file to write")
 
-    policy: ActFn | str
-    if args.policy == "random":
-        policy, policy_name = "random", "random"
+
+def collect_dataset(env: str, steps: int, out: str, *, policy: str = "random", seed: int = 0, noise: float = 0.0,
+                    fmt: Format = "d4rl", progress: bool = False) -> CollectResult:
+    """Record ``steps`` transitions of ``policy`` (``random``, or a policy file of :mod:`dromo_ray.data.policy_io`
+    acting deterministically, plus Gaussian noise of std ``noise``) in ``env``'s real environment, seeded with
+    ``seed``, and write them to ``out`` (an HDF5 path for ``fmt='d4rl'``, a dataset id for ``fmt='minari'``).
+
+    Bad arguments raise :class:`ConfigError`; an unusable output or policy file :class:`DatasetError`, before
+    anything is collected; a failed write :class:`DatasetError` with nothing left behind.
+    """
+    spec = env_spec(env)
+    if steps < 1:
+        raise ConfigError(f"steps: must be >= 1, got {steps}")
+    if noise < 0:
+        raise ConfigError(f"noise: must be >= 0, got {noise}")
+    if fmt not in ("d4rl", "minari"):
+        raise ConfigError(f"fmt: must be 'd4rl' or 'minari', got {fmt!r}")
+    check_output(out, fmt)
+
+    act: ActFn | Literal["random"]
+    if policy == "random":
+        act, policy_name = "random", "random"
     else:
-        from dromo_ray.data.policy_io import load_policy
-
         try:
-            loaded = load_policy(args.policy, deterministic=True, seed=args.seed)
+            loaded = load_policy(policy, deterministic=True, seed=seed)
         except DatasetError as e:  # torch's unpickling messages run over many lines: keep the first
             raise DatasetError(e.source, e.problem.splitlines()[0], e.key) from None
         if (loaded.actor.obs_dim, loaded.actor.act_dim) != (spec.obs_dim, spec.act_dim):
             got = f"{loaded.actor.obs_dim} -> {loaded.actor.act_dim}"
-            raise DatasetError(str(args.policy), f"policy maps {got} dims but {spec.gym_id} has "
+            raise DatasetError(str(policy), f"policy maps {got} dims but {spec.gym_id} has "
                                f"{spec.obs_dim} -> {spec.act_dim}", "obs_dim")
-        policy, policy_name = loaded, str(Path(args.policy))
+        act, policy_name = loaded, str(Path(policy))
 
-    ds = collect_transitions(spec.key, policy, steps=args.steps, seed=args.seed, noise=args.noise,
-                             progress=sys.stderr.isatty(), policy_name=policy_name)
+    ds = collect_transitions(spec.key, act, steps=steps, seed=seed, noise=noise, progress=progress,
+                             policy_name=policy_name)
     try:
-        if args.format == "minari":
-            from dromo_ray.data.minari_io import write_minari
-
-            where = f"Minari dataset {args.out} ({write_minari(ds, args.out)})"
+        if fmt == "minari":
+            written = f"Minari dataset {out} ({write_minari(ds, out)})"
         else:
-            from dromo_ray.data.d4rl_io import write_d4rl
-
-            where = str(write_d4rl(ds, args.out))
+            written = str(write_d4rl(ds, out))
     except OSError as e:  # unwritable directory, full disk, ...: nothing was left behind
-        raise DatasetError(str(args.out), f"cannot write ({type(e).__name__}: {e.strerror or e})") from None
-    complete = len(ds.episode_returns())
-    print(f"wrote {len(ds)} transitions of {spec.gym_id} ({ds.num_episodes} episodes, {complete} complete; "
-          f"policy {policy_name}, noise {args.noise}, seed {args.seed}) to {where}")
-    return 0
+        raise DatasetError(str(out), f"cannot write ({type(e).__name__}: {e.strerror or e})") from None
+    return CollectResult(ds, written, policy_name)

@@ -31,9 +31,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dromo_ray.core.envs import EnvSpec
 from dromo_ray.core.files import atomic_path
-from dromo_ray.data.dataset import OfflineDataset, check_action_box, resolve_env, terminal_wins
+from dromo_ray.data.dataset import OfflineDataset, check_action_box, check_dims, resolve_env, terminal_wins
 from dromo_ray.errors import DatasetError
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -163,16 +162,6 @@ def read_d4rl(path: str | os.PathLike, env: str | None = None, name: str | None 
             raise DatasetError(src, "no transition has a known next observation (one-row episodes and no "
                                "next_observations)", "next_observations")
     return ds
-
-
-def check_dims(spec: EnvSpec, obs_dim: int, act_dim: int, src: str) -> None:
-    """Observation and action sizes must be the named environment's."""
-    if obs_dim != spec.obs_dim:
-        raise DatasetError(src, f"rows have {obs_dim} dims but {spec.key} ({spec.gym_id}) observations have "
-                           f"{spec.obs_dim}; wrong file or wrong --env?", "observations")
-    if act_dim != spec.act_dim:
-        raise DatasetError(src, f"rows have {act_dim} dims but {spec.key} ({spec.gym_id}) actions have "
-                           f"{spec.act_dim}; wrong file or wrong --env?", "actions")
 
 
 def check_next_observations(obs: np.ndarray, next_obs: np.ndarray, ends: np.ndarray, src: str) -> None:

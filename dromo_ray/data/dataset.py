@@ -1,4 +1,4 @@
-"""The offline dataset D: one typed container of transitions, and :func:`load_dataset` that finds one.
+"""The offline dataset D: one typed container of transitions, and the checks every format's reader applies.
 
 Rows are transitions ``(s, a, r, s', terminal)``. Shapes: N rows, D_o observation dims, D_a action dims.
 Rows of one episode are contiguous and in time order; no row crosses an episode boundary, so inside an
@@ -6,18 +6,16 @@ episode ``next_observations[i] == observations[i + 1]``. An episode ends after a
 (the environment terminated: no bootstrap) or ``timeouts`` (the episode was cut: bootstrap from s').
 The last episode may end with neither flag: collection stopped in the middle of it (a *partial* episode).
 
-``load_dataset`` accepts a D4RL-format HDF5 path, a D4RL name looked up in the local D4RL cache, or
-``minari:<dataset id>`` from the local Minari root. Nothing is ever downloaded.
+This module knows no file format: the readers (:mod:`dromo_ray.data.d4rl_io`, :mod:`dromo_ray.data.minari_io`)
+build an :class:`OfflineDataset` with the checks below, and :func:`dromo_ray.data.load.load_dataset` finds a
+dataset by path or name on top of them.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -193,37 +191,7 @@ class OfflineDataset:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Finding a dataset by name.
-
-
-def d4rl_dataset_dir() -> Path:
-    """``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets`` (D4RL's own cache location)."""
-    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
-
-
-_D4RL_NAME = re.compile(r"^(?P<base>[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*?)-v(?P<version>\d+)$")
-
-
-def d4rl_filenames(name: str) -> list[str]:
-    """Candidate file names of a D4RL name, D4RL's naming first.
-
-    ``hopper-medium-v2`` -> ``hopper_medium-v2.hdf5``; ``hopper-medium-replay-v2`` ->
-    ``hopper_medium_replay-v2.hdf5``; v0 files were named without the version (``hopper_medium.hdf5``).
-    """
-    m = _D4RL_NAME.match(name)
-    if not m:
-        return [name + ".hdf5"]
-    base = m["base"].replace("-", "_")
-    return [f"{base}-v{m['version']}.hdf5", f"{base}.hdf5", f"{name}.hdf5"]
-
-
-def _looks_like_path(spec: str) -> bool:
-    if os.sep in spec or "/" in spec or spec.endswith((".hdf5", ".h5")) or spec.startswith("."):
-        return True
-    try:
-        return Path(spec).exists()
-    except OSError:  # e.g. permission denied: a path, which read_d4rl reports
-        return True
+# Checks shared by the format readers.
 
 
 def resolve_env(env: str | None, *hints: str | None, obs_dim: int | None = None,
@@ -249,6 +217,16 @@ def resolve_env(env: str | None, *hints: str | None, obs_dim: int | None = None,
             return matches[0]
     raise DatasetError(source, "cannot tell the environment from the metadata or the name; "
                        f"pass --env ({', '.join(ENVS)})", "env")
+
+
+def check_dims(spec: EnvSpec, obs_dim: int, act_dim: int, src: str) -> None:
+    """Observation and action sizes must be the named environment's."""
+    if obs_dim != spec.obs_dim:
+        raise DatasetError(src, f"rows have {obs_dim} dims but {spec.key} ({spec.gym_id}) observations have "
+                           f"{spec.obs_dim}; wrong file or wrong --env?", "observations")
+    if act_dim != spec.act_dim:
+        raise DatasetError(src, f"rows have {act_dim} dims but {spec.key} ({spec.gym_id}) actions have "
+                           f"{spec.act_dim}; wrong file or wrong --env?", "actions")
 
 
 def check_action_box(actions: np.ndarray, spec: EnvSpec, source: str, allow_unbounded: bool = False) -> None:
@@ -283,32 +261,3 @@ def terminal_wins(terminals: np.ndarray, timeouts: np.ndarray, source: str) -> t
                       stacklevel=3)
         timeouts = timeouts & ~terminals
     return timeouts, k
-
-
-def load_dataset(spec: str, env: str | None = None, allow_unbounded_actions: bool = False) -> OfflineDataset:
-    """Load a dataset from a D4RL-format HDF5 path, a D4RL name or ``minari:<dataset id>``.
-
-    D4RL names (``hopper-medium-v2``) are looked up as ``hopper_medium-v2.hdf5`` in ``$D4RL_DATASET_DIR``
-    or ``~/.d4rl/datasets``; Minari ids in ``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``. Nothing is
-    downloaded. ``env`` (a registry key or Gymnasium id) overrides the environment otherwise inferred from
-    the file's metadata or name. Actions outside [-1, 1] are an error unless ``allow_unbounded_actions``
-    (:func:`check_action_box`). Every problem raises one :class:`DatasetError`.
-    """
-    spec = str(spec)
-    if spec.startswith("minari:"):
-        from dromo_ray.data.minari_io import load_minari
-
-        return load_minari(spec[len("minari:"):], env=env, allow_unbounded_actions=allow_unbounded_actions)
-
-    from dromo_ray.data.d4rl_io import read_d4rl
-
-    if _looks_like_path(spec):
-        return read_d4rl(spec, env=env, allow_unbounded_actions=allow_unbounded_actions)
-    root = d4rl_dataset_dir()
-    candidates = [root / f for f in d4rl_filenames(spec)]
-    for path in candidates:
-        if path.exists():
-            return read_d4rl(path, env=env, name=spec, allow_unbounded_actions=allow_unbounded_actions)
-    tried = ", ".join(p.name for p in dict.fromkeys(candidates))
-    raise DatasetError(spec, f"no such file, and no D4RL dataset named so in {root} (looked for {tried}); "
-                       "nothing is downloaded: place the file there or set $D4RL_DATASET_DIR")

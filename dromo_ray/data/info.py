@@ -1,14 +1,12 @@
-"""``dromo-ray data info``: transitions, episodes, returns and D4RL normalized score of a dataset."""
+"""Transitions, episodes, returns and D4RL normalized score of a dataset (``dromo-ray data info``)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import numpy as np
 
-from dromo_ray.data.dataset import OfflineDataset, load_dataset
+from dromo_ray.data.dataset import OfflineDataset
 
 
 def dataset_info(ds: OfflineDataset) -> dict[str, Any]:
@@ -59,10 +57,3 @@ def format_info(info: dict[str, Any]) -> str:
             v = f"{v:.2f}" if np.isfinite(v) else str(v)
         lines.append(f"{k:<{width}}  {'-' if v is None else v}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    info = dataset_info(load_dataset(args.dataset, env=args.env,
-                                     allow_unbounded_actions=getattr(args, "allow_unbounded_actions", False)))
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
-    return 0

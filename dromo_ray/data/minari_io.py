@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dromo_ray.data.d4rl_io import check_dims
-from dromo_ray.data.dataset import OfflineDataset, check_action_box, resolve_env, terminal_wins
+from dromo_ray.data.dataset import OfflineDataset, check_action_box, check_dims, resolve_env, terminal_wins
 from dromo_ray.errors import DatasetError
 
 _ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]/)?[-_\w]+?-v\d+$")

@@ -48,10 +48,10 @@ from dromo_ray.core.config import AgentConfig
 from dromo_ray.core.files import atomic_path, write_text_atomic
 from dromo_ray.core.types import Batch, MixedBatch
 from dromo_ray.data.dataset import OfflineDataset
-from dromo_ray.data.gym_env import env_spec, make_env, package_versions
+from dromo_ray.data.gym_env import env_spec, evaluate_policy, make_env, package_versions
+from dromo_ray.data.policy_io import INDEX_FORMAT, load_policy, save_policy
 from dromo_ray.errors import DatasetError
 
-INDEX_FORMAT = "dromo_ray.behavior_index/1"
 STATE_FORMAT = "dromo_ray.online_sac_state/1"
 ACTIONS_FORMAT = "dromo_ray.replay_actions/1"
 
@@ -281,8 +281,6 @@ class OnlineSAC:
         return MixedBatch(real, self._empty)
 
     def _evaluate_checkpoint(self) -> dict[str, Any]:
-        from dromo_ray.data.policy_io import save_policy
-
         t0 = time.perf_counter()
         name = f"step_{self.env_steps:08d}"
         rel = f"policies/{name}.pt"
@@ -454,9 +452,6 @@ class OnlineSAC:
 def evaluate_policy_file(path: str | os.PathLike, env: str, episodes: int, seed: int,
                          max_episode_steps: int = 1000) -> dict[str, float]:
     """Deterministic and sampled returns of a policy file in the real environment."""
-    from dromo_ray.data.gym_env import evaluate_policy
-    from dromo_ray.data.policy_io import load_policy
-
     out: dict[str, float] = {}
     for mode, deterministic in (("", True), ("stochastic_", False)):
         policy = load_policy(path, deterministic=deterministic, seed=seed)

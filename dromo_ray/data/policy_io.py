@@ -7,10 +7,15 @@ Format (``torch.save`` of plain containers, loaded with ``weights_only=True``)::
      "meta": {str: str | int | float}}
 
 Any policy (a DROMO actor, an RLlib SAC module converted to a TanhGaussianActor) travels in this one form.
+
+A behaviour run (``dromo-ray behavior train``, either backend: :mod:`dromo_ray.data.online_sac` or
+:mod:`dromo_ray.rllib.sac`) lists its policy files, each with its evaluated returns, in ``index.json``
+(:data:`INDEX_FORMAT`); :func:`load_index` reads it for the suite maker, which so never needs the trainer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +29,8 @@ from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.errors import DatasetError
 
 FORMAT = "dromo_ray.policy/1"
+INDEX_FORMAT = "dromo_ray.behavior_index/1"
+"""``format`` of a behaviour run's ``index.json`` (a file format on disk: the name stays as runs wrote it)."""
 PolicyFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -84,3 +91,25 @@ def load_policy(path: str | os.PathLike, deterministic: bool = True, seed: int =
         raise DatasetError(str(path), f"weights do not match the stated sizes: {e}", key="state_dict") from None
     return LoadedPolicy(actor, blob.get("obs_mean"), blob.get("obs_std"), dict(blob.get("meta") or {}),
                         deterministic=deterministic, seed=seed)
+
+
+def load_index(policies_dir: str | os.PathLike) -> dict[str, Any]:
+    """``index.json`` of a finished behaviour run, checked. Policy paths in it are relative to ``policies_dir``.
+
+    A missing or malformed index, one without checkpoints, or one of a run that did not finish raises
+    :class:`DatasetError` naming the file and the key.
+    """
+    path = Path(policies_dir) / "index.json"
+    if not path.exists():
+        raise DatasetError(str(path), "no behaviour index here; run `dromo-ray behavior train` first")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(str(path), f"not JSON ({e})") from None
+    if index.get("format") != INDEX_FORMAT:
+        raise DatasetError(str(path), f"not a behaviour index (format {index.get('format')!r})", "format")
+    if not index.get("checkpoints"):
+        raise DatasetError(str(path), "has no checkpoints", "checkpoints")
+    if not index.get("complete"):
+        raise DatasetError(str(path), "the behaviour run did not finish (complete = false)", "complete")
+    return index

@@ -1,28 +1,30 @@
-"""``dromo-ray behavior train``: behaviour policies trained online with RLlib SAC (new API stack).
+"""Behaviour policies trained online with RLlib SAC (new API stack): ``dromo-ray behavior train --backend rllib``.
 
-    dromo-ray behavior train --env hopper --steps 1000000 --out behavior/hopper --seed 0
+    cfg = BehaviorConfig(env="hopper", steps=1_000_000, out="behavior/hopper", seed=0).validate()
+    result = train_behavior(cfg)          # result.index: what index.json says
 
-Writes under ``--out``::
+Writes under ``out``::
 
-    index.json            the checkpoints, each with its evaluated returns (see below)
-    replay.hdf5           every transition SAC collected, in order (dromo_ray.behavior.replay_log)
+    index.json            the checkpoints, each with its evaluated returns (see below; format
+                          :data:`dromo_ray.data.policy_io.INDEX_FORMAT`, the one the sac backend writes too)
+    replay.hdf5           every transition SAC collected, in order (:mod:`dromo_ray.rllib.replay_log`)
     policies/step_XXXXXXXX.pt   each checkpoint's policy as a dromo_ray policy file (dromo_ray.data.policy_io)
-    rllib/                (with --save-rllib) the final RLlib Algorithm checkpoint
-    rllib_logs/           the RLlib Algorithm's log directory (:func:`build_algo_in`; RLlib's default is a new
-                          ``~/ray_results/<date>...`` directory per run)
+    rllib/                (with ``save_rllib``) the final RLlib Algorithm checkpoint
+    rllib_logs/           the RLlib Algorithm's log directory (:func:`dromo_ray.rllib.algo.build_algo_in`; RLlib's
+                          default is a new ``~/ray_results/<date>...`` directory per run)
 
 Training: one Gymnasium v5 env sampled by the local EnvRunner (``num_env_runners=0``), SAC with twin Q,
-learned temperature, ReLU MLPs of ``--hidden`` widths, one update of ``batch_size`` rows per
+learned temperature, ReLU MLPs of ``hidden`` widths, one update of ``batch_size`` rows per
 ``updates_every`` env steps (1 = the usual SAC ratio). Every ``checkpoint_every`` env steps the current pi
-network is exported (parity with RLlib's module checked numerically, see :mod:`dromo_ray.behavior.export`)
+network is exported (parity with RLlib's module checked numerically, see :mod:`dromo_ray.rllib.export`)
 and evaluated in the real environment with :func:`dromo_ray.data.gym_env.evaluate_policy`, from the file
 just written, both deterministically (``tanh(mu)``, the usual SAC evaluation) and sampling from the policy
-(the way the suite collects data). ``index.json`` records both.
+(the way the suite collects data). ``index.json`` records both, so ``dromo-ray suite make --policies OUT``
+reads the run without RLlib.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,22 +35,49 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+from ray.rllib.algorithms.sac import SACConfig
+from tqdm.auto import tqdm
 
 from dromo_ray.core.files import write_text_atomic
+from dromo_ray.data.gym_env import env_spec, package_versions
 from dromo_ray.data.online_sac import evaluate_policy_file
+from dromo_ray.data.policy_io import INDEX_FORMAT
+from dromo_ray.errors import ConfigError
+from dromo_ray.rllib.algo import build_algo_in, register_env
+from dromo_ray.rllib.export import check_action_space, export_policy, learner_module
+from dromo_ray.rllib.module import module_config_kwargs
+from dromo_ray.rllib.replay_log import ReplayLogCallback, ReplayLogWriter, drain_env_runners
+from dromo_ray.runtime.cluster import start_ray
 
-INDEX_FORMAT = "dromo_ray.behavior_index/1"
+FLAGS = {"env": "--env", "steps": "--steps", "out": "--out", "seed": "--seed", "hidden": "--hidden",
+         "checkpoint_every": "--checkpoint-every", "eval_episodes": "--eval-episodes",
+         "learning_starts": "--learning-starts", "updates_every": "--updates-every", "time_limit_s": "--time-limit",
+         "save_rllib": "--save-rllib"}
+"""The ``dromo-ray behavior train`` flag of each field that has one (error messages name both)."""
+
+
+def _bad(name: str, problem: str) -> ConfigError:
+    """``ConfigError('steps (--steps): must be >= 1, got 0')``: the field, its flag when it has one, the problem."""
+    flag = FLAGS.get(name)
+    return ConfigError(f"{name}{f' ({flag})' if flag else ''}: {problem}")
 
 
 @dataclass
 class BehaviorConfig:
+    """One RLlib SAC behaviour run. Defaults are SAC's published MuJoCo settings (Haarnoja et al. 2018, Table 1:
+    Adam 3e-4 for every network and the temperature, gamma 0.99, tau 0.005, batch 256, 2x256 ReLU networks,
+    10^6 replay rows), as D4RL's behaviour policies used; :meth:`validate` checks every field."""
+
     env: str
     """Environment key: hopper, halfcheetah or walker2d (Gymnasium v5)."""
     steps: int = 1_000_000
-    """Env steps to train for (rounded up to a whole number of checkpoint intervals)."""
+    """Env steps to train for (rounded up to a whole number of checkpoint intervals; D4RL's runs: 1M)."""
     out: str = ""
     """Output directory; default ``behavior_<env>``. Must be new or empty."""
     seed: int = 0
+    """Seed of RLlib (``debugging(seed=...)``): networks, exploration and the training env."""
     hidden: tuple[int, ...] = (256, 256)
     """Hidden widths of the policy and Q networks (ReLU)."""
     checkpoint_every: int = 0
@@ -60,34 +89,56 @@ class BehaviorConfig:
     learning_starts: int = 10_000
     """Env steps sampled before the first update (capped at a fifth of ``steps``)."""
     batch_size: int = 256
+    """Rows per SAC update (``train_batch_size_per_learner``)."""
     actor_lr: float = 3e-4
+    """Adam learning rate of the policy."""
     critic_lr: float = 3e-4
+    """Adam learning rate of the twin Q networks."""
     alpha_lr: float = 3e-4
+    """Adam learning rate of the entropy temperature (target entropy -|A|)."""
     gamma: float = 0.99
+    """Discount factor."""
     tau: float = 0.005
+    """Polyak rate of the target Q networks."""
     buffer_capacity: int = 1_000_000
+    """Rows of RLlib's episode replay buffer."""
     updates_every: int = 1
     """Env steps per learner update (RLlib ``rollout_fragment_length``); 1 is SAC's usual ratio."""
     max_episode_steps: int = 1000
+    """Time limit of the training and evaluation episodes (the MuJoCo v5 default)."""
     time_limit_s: float = 0.0
     """Stop at the first checkpoint after this many seconds of training (0: no limit); the index says so."""
     save_rllib: bool = False
     """Also save the final RLlib Algorithm checkpoint under ``out/rllib``."""
     progress: bool = True
+    """Show a progress bar on stderr."""
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    """Extra top-level entries of ``index.json``."""
 
     def validate(self) -> BehaviorConfig:
-        from dromo_ray.data.gym_env import env_spec
-
-        self.env = env_spec(self.env).key
+        """Check every field (:class:`~dromo_ray.errors.ConfigError` naming the field and its flag), resolve
+        ``env`` to its registry key and default ``out``; returns ``self``."""
+        try:
+            self.env = env_spec(self.env).key
+        except ValueError as e:
+            raise _bad("env", str(e)) from None
         for name in ("steps", "eval_episodes", "batch_size", "buffer_capacity", "updates_every",
                      "max_episode_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0 or self.learning_starts < 0 or self.seed < 0 or self.time_limit_s < 0:
-            raise ValueError("checkpoint_every, learning_starts, seed and time_limit_s must be >= 0")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden must be positive widths, got {self.hidden}")
+                raise _bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "learning_starts", "seed", "eval_seed", "time_limit_s"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise _bad(name, f"must be a finite number >= 0, got {v}")
+        for name in ("actor_lr", "critic_lr", "alpha_lr", "tau"):
+            v = getattr(self, name)
+            if not (0 < v < math.inf):
+                raise _bad(name, f"must be > 0, got {v}")
+        if not 0 < self.gamma < 1:
+            raise _bad("gamma", f"must be in (0, 1), got {self.gamma}")
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise _bad("hidden", f"must be positive widths, got {self.hidden}")
+        self.hidden = tuple(int(h) for h in self.hidden)
         if not self.out:
             self.out = f"behavior_{self.env}"
         return self
@@ -99,52 +150,32 @@ class BehaviorConfig:
         return max(k, int(math.ceil(every / k)) * k)
 
     def num_checkpoints(self) -> int:
+        """Checkpoints the run writes: ``steps`` rounded up to whole intervals."""
         return int(math.ceil(self.steps / self.interval()))
 
 
 @dataclass
 class BehaviorResult:
+    """What :func:`train_behavior` wrote: the run directory and its ``index.json``."""
+
     out: Path
+    """The run directory."""
     index: dict[str, Any]
+    """The contents of ``out/index.json``."""
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
+        """``index['checkpoints']``: one entry per evaluated policy file, in training order."""
         return self.index["checkpoints"]
-
-
-def env_name(gym_id: str) -> str:
-    return f"dromo_ray-{gym_id}"
-
-
-def _register_env(gym_id: str) -> str:
-    from ray.tune.registry import register_env
-
-    from dromo_ray.behavior.replay_log import MujocoStateInfo
-    from dromo_ray.data.gym_env import env_spec, gym_make
-
-    spec = env_spec(gym_id)
-
-    def creator(env_config: dict[str, Any]):
-        return MujocoStateInfo(gym_make(spec, int(env_config.get("max_episode_steps", 1000))))
-
-    name = env_name(gym_id)
-    register_env(name, creator)
-    return name
 
 
 def build_sac_config(cfg: BehaviorConfig):
     """The RLlib ``SACConfig`` of a behaviour run (new API stack, local sampling)."""
-    from ray.rllib.algorithms.sac import SACConfig
-
-    from dromo_ray.behavior.replay_log import ReplayLogCallback
-    from dromo_ray.behavior.rllib_module import module_config_kwargs
-    from dromo_ray.data.gym_env import env_spec
-
     spec = env_spec(cfg.env)
     interval = cfg.interval()
     return (
         SACConfig()
-        .environment(_register_env(spec.gym_id), env_config={"max_episode_steps": cfg.max_episode_steps})
+        .environment(register_env(spec.gym_id), env_config={"max_episode_steps": cfg.max_episode_steps})
         .framework("torch")
         .env_runners(num_env_runners=0, num_envs_per_env_runner=1, rollout_fragment_length=cfg.updates_every)
         .learners(num_learners=0)
@@ -163,38 +194,8 @@ def build_sac_config(cfg: BehaviorConfig):
     )
 
 
-def build_algo_in(config: Any, log_dir: str | os.PathLike) -> Any:
-    """``config.build_algo()``, with the Algorithm's log directory at ``log_dir`` (created).
-
-    An RLlib Algorithm built outside Tune makes its log directory with ray.tune's ``Trainable._setup_logdir``: a
-    fresh ``~/ray_results/<date>...`` per Algorithm, left behind (empty, with the new API stack) by every run.
-    The built Algorithm is of a subclass of ``config.algo_class`` that only overrides that method, so that what
-    RLlib writes there stays in the run's own directory.
-    """
-    import copy
-
-    base = config.algo_class
-    if isinstance(base, str):
-        from ray.tune.registry import get_trainable_cls
-
-        base = get_trainable_cls(base)
-    directory = str(Path(log_dir).resolve())
-
-    class InRunDir(base):  # type: ignore[misc, valid-type]
-        def _setup_logdir(self) -> None:
-            os.makedirs(directory, exist_ok=True)
-            self._logdir = directory
-
-    InRunDir.__name__ = base.__name__  # (RLlib names metrics and logs after the class)
-    return InRunDir(config=copy.deepcopy(config))
-
-
 def versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    from dromo_ray.data.gym_env import package_versions
-
+    """Library versions a run records: the data packages' and Ray's and torch's."""
     return {**package_versions(), "ray": ray.__version__, "torch": torch.__version__.split("+")[0]}
 
 
@@ -217,14 +218,12 @@ def _learner_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
-    """Train SAC, writing the replay log, policy files and ``index.json`` as it goes (see module doc)."""
-    import ray
-    from tqdm.auto import tqdm
+    """Train SAC, writing the replay log, policy files and ``index.json`` as it goes (see module doc).
 
-    from dromo_ray.behavior.export import check_action_space, export_policy, learner_module
-    from dromo_ray.behavior.replay_log import ReplayLogWriter, drain_env_runners
-    from dromo_ray.data.gym_env import env_spec
-
+    ``cfg`` is validated first (:class:`~dromo_ray.errors.ConfigError`); an ``out`` that is not a fresh or empty
+    directory raises ``FileExistsError`` before anything is written. Starts Ray when none runs, and shuts down
+    the Ray it started.
+    """
     cfg.validate()
     spec = env_spec(cfg.env)
     out = Path(cfg.out)
@@ -245,8 +244,6 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
     }
     _write_json(out / "index.json", index)
     writer = ReplayLogWriter(out / "replay.hdf5", metadata=run_meta)
-
-    from dromo_ray.runtime.cluster import start_ray
 
     started_ray = start_ray(configure_logging=True, logging_level=logging.ERROR,
                             num_cpus=max(1, min(2, os.cpu_count() or 1)))
@@ -301,63 +298,10 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
     return BehaviorResult(out, index)
 
 
-def load_index(policies_dir: str | os.PathLike) -> dict[str, Any]:
-    """``index.json`` of a behaviour run, checked. Policy paths in it are relative to ``policies_dir``."""
-    from dromo_ray.errors import DatasetError
-
-    path = Path(policies_dir) / "index.json"
-    if not path.exists():
-        raise DatasetError(str(path), "no behaviour index here; run `dromo-ray behavior train` first")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(str(path), f"not JSON ({e})") from None
-    if index.get("format") != INDEX_FORMAT:
-        raise DatasetError(str(path), f"not a behaviour index (format {index.get('format')!r})", "format")
-    if not index.get("checkpoints"):
-        raise DatasetError(str(path), "has no checkpoints", "checkpoints")
-    if not index.get("complete"):
-        raise DatasetError(str(path), "the behaviour run did not finish (complete = false)", "complete")
-    return index
-
-
 def summary_table(index: dict[str, Any]) -> str:
+    """The checkpoints of ``index`` as text: env steps, deterministic and sampled return, normalized score."""
     lines = [f"{'checkpoint':<15} {'env steps':>10} {'return (det)':>13} {'return (sampled)':>17} {'norm (det)':>11}"]
     for c in index["checkpoints"]:
         lines.append(f"{c['name']:<15} {c['env_steps']:>10} {c['return_mean']:>13.1f} "
                      f"{c['stochastic_return_mean']:>17.1f} {c['normalized_score']:>11.1f}")
     return "\n".join(lines)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """Handler of ``dromo-ray behavior train``."""
-    import sys
-
-    from dromo_ray.core.threads import set_torch_threads
-
-    set_torch_threads(1)
-    hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
-    cfg = BehaviorConfig(
-        env=args.env, steps=args.steps, out=args.out or "", seed=args.seed, hidden=hidden,
-        checkpoint_every=args.checkpoint_every, eval_episodes=args.eval_episodes,
-        learning_starts=args.learning_starts, updates_every=args.updates_every, save_rllib=args.save_rllib,
-        time_limit_s=args.time_limit,
-        progress=sys.stderr.isatty() and not args.json,
-    )
-    from dromo_ray.errors import ConfigError  # a user error the CLI prints as one line (no import of cli)
-
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        res = train_behavior(cfg)
-    except FileExistsError as e:
-        raise ConfigError(str(e)) from None
-    if args.json:
-        print(json.dumps(res.index, indent=2))
-    else:
-        print(summary_table(res.index))
-        print(f"wrote {res.out}/index.json, {res.out}/replay.hdf5 ({res.index['env_steps']} transitions) and "
-              f"{len(res.checkpoints)} policy files in {res.index['wall_s']:.0f}s")
-    return 0

@@ -13,7 +13,7 @@ stopped in the middle of it (neither flag set on its last row).
 Transitions are taken from RLlib's episode chunks in the ``on_sample_end`` callback of the EnvRunner
 (:class:`ReplayLogCallback`) and drained by the driver with :func:`drain_env_runners`. Contiguity of
 episodes needs one environment sampled sequentially: ``num_env_runners=0`` and
-``num_envs_per_env_runner=1`` (what :mod:`dromo_ray.behavior.train` configures).
+``num_envs_per_env_runner=1`` (what :mod:`dromo_ray.rllib.sac` configures).
 """
 
 from __future__ import annotations

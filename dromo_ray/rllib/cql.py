@@ -8,7 +8,7 @@ with Ray Data and trains ``CQL`` with one local learner.
 
 Evaluation and tracking follow the platform's conventions, not RLlib's: every ``train.eval_interval``
 learner updates the learner's current policy is exported into a :class:`~dromo_ray.core.nets.TanhGaussianActor`
-(:mod:`dromo_ray.behavior.export`, parity checked) and run deterministically (``tanh(mu)``) with
+(:mod:`dromo_ray.rllib.export`, parity checked) and run deterministically (``tanh(mu)``) with
 :func:`dromo_ray.data.gym_env.evaluate_policy`, seeds ``seed * 1000 + k`` as the DROMO evaluators use; the
 reporter receives ``eval/return_mean``, ``eval/return_std``, ``eval/normalized_score``,
 ``eval/episode_length``, ``train/...`` and ``perf/...``. The final score is the mean normalized score of the
@@ -40,6 +40,7 @@ import numpy as np
 
 from dromo_ray.core.files import atomic_path
 from dromo_ray.core.scores import final_score
+from dromo_ray.errors import ConfigError
 
 Reporter = Callable[..., None]
 _RLLIB_TRAIN_KEYS = {"policy_loss": "train/actor_loss", "alpha_value": "train/entropy_coef",
@@ -75,9 +76,9 @@ def build_cql_config(cfg: Any, env_key: str, data_dir: Path, updates_per_iter: i
     """The RLlib ``CQLConfig`` for an ``ExperimentConfig`` (see the module doc for the mapping)."""
     from ray.rllib.algorithms.cql import CQLConfig
 
-    from dromo_ray.behavior.rllib_module import module_config_kwargs
-    from dromo_ray.behavior.train import _register_env
     from dromo_ray.data.gym_env import env_spec
+    from dromo_ray.rllib.algo import register_env
+    from dromo_ray.rllib.module import module_config_kwargs
 
     a = cfg.agent
     spec = env_spec(env_key)
@@ -92,7 +93,7 @@ def build_cql_config(cfg: Any, env_key: str, data_dir: Path, updates_per_iter: i
     return (
         CQLConfig()
         # The env only gives RLlib its spaces (nothing samples from it).
-        .environment(_register_env(spec.gym_id), env_config={"max_episode_steps": cfg.train.max_episode_steps})
+        .environment(register_env(spec.gym_id), env_config={"max_episode_steps": cfg.train.max_episode_steps})
         .framework("torch")
         .env_runners(num_env_runners=0)
         .learners(num_learners=0)
@@ -138,10 +139,9 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
     import torch
     from tqdm.auto import tqdm
 
-    from dromo_ray.behavior.export import export_policy, learner_module
-    from dromo_ray.behavior.train import build_algo_in
     from dromo_ray.data.gym_env import evaluate_policy
-    from dromo_ray.errors import ConfigError
+    from dromo_ray.rllib.algo import build_algo_in
+    from dromo_ray.rllib.export import export_policy, learner_module
     from dromo_ray.runtime.driver import RunFailed, RunResult
 
     if resume:

@@ -2,7 +2,7 @@
 
 The pi network of RLlib's SAC module is ``pi_encoder`` (an MLP, ``fcnet_hiddens`` with activation) followed
 by the ``pi`` head (``head_fcnet_hiddens`` then one linear output of ``2 * act_dim``: ``[mu, log_std]``).
-With ReLU everywhere (:func:`dromo_ray.behavior.rllib_module.model_config`) it is one
+With ReLU everywhere (:func:`dromo_ray.rllib.module.model_config`) it is one
 ``Linear, ReLU, ..., Linear`` chain: exactly ``TanhGaussianActor.trunk``. The weights are copied layer by
 layer and the result checked numerically against RLlib's own distribution (:func:`check_parity`).
 
@@ -13,7 +13,7 @@ RLlib's action distribution, and how it is handled:
   ``NormalizeAndClipActions`` then maps [-1, 1] to the action space's bounds, the identity for the MuJoCo
   locomotion envs (bounds [-1, 1]); :func:`check_action_space` insists on that.
 - log-std: RLlib hard-clamps into [-5, 2], the actor soft-clamps into [-5, 2]. The modules of
-  :mod:`dromo_ray.behavior.rllib_module` apply the soft clamp inside the network, so RLlib's clamp is a
+  :mod:`dromo_ray.rllib.module` apply the soft clamp inside the network, so RLlib's clamp is a
   no-op and the two distributions coincide (checked: means, log-stds and log-densities). A module without it
   (RLlib's stock module) is still exported, with ``meta['stochastic_parity'] = 0``: its deterministic
   actions match, its sampled actions do not.
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from dromo_ray.core.nets import TanhGaussianActor, tanh_gaussian_log_prob
+from dromo_ray.data.policy_io import save_policy
+from dromo_ray.rllib.module import SoftClampLogStd
 
 PARITY_ATOL = 1e-5
 """Largest absolute difference allowed between RLlib's and the exported actor's actions / log-stds."""
@@ -54,8 +56,6 @@ def pi_layers(module: Any) -> tuple[list[nn.Linear], bool]:
 
     Raises :class:`ExportError` unless the network is ``Linear, ReLU, ..., ReLU, Linear``.
     """
-    from dromo_ray.behavior.rllib_module import SoftClampLogStd
-
     if not hasattr(module, "pi_encoder") or not hasattr(module, "pi"):
         raise ExportError(f"{type(module).__name__} has no pi_encoder/pi: not an RLlib SAC/CQL module")
     soft = isinstance(module.pi, SoftClampLogStd)
@@ -126,8 +126,6 @@ def check_parity(module: Any, actor: TanhGaussianActor, obs: np.ndarray, stochas
 def export_policy(module: Any, path: str | os.PathLike, obs: np.ndarray,
                   meta: dict[str, Any] | None = None) -> tuple[Path, dict[str, float]]:
     """Convert, check parity on ``obs``, and write a dromo_ray policy file. Returns (path, parity report)."""
-    from dromo_ray.data.policy_io import save_policy
-
     actor, soft = actor_from_module(module)
     report = check_parity(module, actor, obs, stochastic=soft)
     full = {**(meta or {}), "source": "rllib", "rllib_module": type(module).__name__,

@@ -1,7 +1,13 @@
-"""``dromo-ray suite make``: a D4RL-v2-style dataset suite from a behaviour run, on Gymnasium v5.
+"""A D4RL-v2-style dataset suite on Gymnasium v5 (``dromo-ray suite make``), from the shipped policies or a
+behaviour run.
 
-    dromo-ray behavior train --env hopper --out behavior/hopper
-    dromo-ray suite make --env hopper --policies behavior/hopper --out suite/hopper --size 1000000
+    make_suite("hopper", 1_000_000, "suite/hopper")                               # the shipped policies
+    make_suite("hopper", 1_000_000, "suite/hopper", policies="behavior/hopper")   # a `behavior train` run
+
+A behaviour run is read as files: its ``index.json`` (:func:`dromo_ray.data.policy_io.load_index`), the policy
+files it lists (:mod:`dromo_ray.data.policy_io`) and its ``replay.hdf5`` (D4RL layout). Both backends of
+``behavior train`` write exactly these (the rllib one exports RLlib's module into a policy file at every
+checkpoint, parity checked), so the suite never imports RLlib, nor Ray.
 
 D4RL's recipes (Fu et al. 2020, section 5 "MuJoCo"), applied to the checkpoints of ``behavior train``:
 
@@ -39,20 +45,31 @@ same settings (``metadata/suite_fingerprint``); different settings are an error,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from dromo_ray.core.files import write_text_atomic
+from dromo_ray.data import shipped
+from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
+from dromo_ray.data.dataset import OfflineDataset
+from dromo_ray.data.gym_env import collect_transitions, env_spec, package_versions
+from dromo_ray.data.info import dataset_info
+from dromo_ray.data.minari_io import write_minari
+from dromo_ray.data.policy_io import LoadedPolicy, load_index, load_policy
+from dromo_ray.errors import DatasetError
 
 PARTS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 SUITE_TAG = "v5"
@@ -80,6 +97,16 @@ def d4rl_path(out: str | os.PathLike, env: str, part: str) -> Path:
 
 def minari_id(env: str, part: str) -> str:
     return f"{MINARI_NAMESPACE}/{dataset_name(env, part)}"
+
+
+def versions() -> dict[str, str]:
+    """Library versions every part records: the data packages', Ray's (from its installed metadata: the suite
+    imports no Ray) and torch's."""
+    try:
+        ray_version = version("ray")
+    except PackageNotFoundError:
+        ray_version = "unknown"
+    return {**package_versions(), "ray": ray_version, "torch": torch.__version__.split("+")[0]}
 
 
 @dataclass(frozen=True)
@@ -113,13 +140,11 @@ def select_checkpoints(index: dict[str, Any], deterministic: bool = False, exper
 class _RecordingPolicy:
     """A loaded policy as an ``ActFn`` that also keeps the log-density of every action it samples."""
 
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: LoadedPolicy) -> None:
         self.loaded = loaded
         self.log_probs: list[np.ndarray] = []
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        import torch
-
         p = self.loaded
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
@@ -152,11 +177,9 @@ def _minari_root(root: Path):
             os.environ["MINARI_DATASETS_PATH"] = saved
 
 
-def concat_datasets(first: Any, second: Any, source: str = "") -> Any:
+def concat_datasets(first: OfflineDataset, second: OfflineDataset, source: str = "") -> OfflineDataset:
     """``first``'s rows then ``second``'s, as one dataset; ``first``'s last row becomes an episode end
     (timeout) when it was neither terminal nor timeout. Infos present in both are kept."""
-    from dromo_ray.data.dataset import OfflineDataset
-
     timeouts = np.concatenate([first.timeouts, second.timeouts])
     if len(first) and not (first.terminals[-1] or first.timeouts[-1]):
         timeouts[len(first) - 1] = True
@@ -179,16 +202,12 @@ INFO_KEYS = ("transitions", "episodes", "complete_episodes", "terminals", "timeo
              "return_max", "normalized_score")
 
 
-def _part_info(ds: Any) -> dict[str, Any]:
-    from dromo_ray.data.info import dataset_info
-
+def _part_info(ds: OfflineDataset) -> dict[str, Any]:
     info = dataset_info(ds)
     return {k: info[k] for k in INFO_KEYS}
 
 
 def _h5_fingerprint(path: Path) -> str | None:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             v = f.get("metadata/suite_fingerprint")
@@ -208,8 +227,6 @@ def _minari_dromo_metadata(directory: Path) -> dict[str, Any]:
 def shipped_index(env: str, directory: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[str]]:
     """The shipped policies of ``env`` as a behaviour index (medium, and expert when shipped) and the parts that
     cannot be made from them (expert and medium-expert while no expert is shipped)."""
-    from dromo_ray.data import shipped
-
     entries = shipped.manifest(directory)["policies"]
     ckpts, missing = [], []
     for part in ("medium", "expert"):
@@ -234,18 +251,16 @@ def shipped_index(env: str, directory: str | os.PathLike | None = None) -> tuple
 def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.PathLike | None = None,
                seed: int = 0,
                parts: tuple[str, ...] = PARTS, deterministic: bool = False, minari: bool = True,
-               progress: bool = True, log: Any = None, expert_rule: str = "final",
+               progress: bool = True, log: Callable[[str], None] | None = None, expert_rule: str = "final",
                shipped_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Make (or finish making) the suite; returns the manifest also written to ``out/suite.json``. Without
-    ``policies`` the suite comes from the shipped policies (``shipped_dir``, default the package's)."""
-    from tqdm.auto import tqdm
+    """Make (or finish making) the suite; returns the manifest also written to ``out/suite.json``.
 
-    from dromo_ray.behavior.train import load_index, versions
-    from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
-    from dromo_ray.data.gym_env import collect_transitions, env_spec
-    from dromo_ray.data.policy_io import load_policy
-    from dromo_ray.errors import DatasetError
-
+    ``policies`` is a behaviour run's directory (module doc); without it the suite comes from the shipped
+    policies (``shipped_dir``, default the package's). ``parts`` is a subset of :data:`PARTS`; part ``i`` is
+    collected with seed ``seed + i``. ``deterministic`` collects with ``tanh(mu)``; ``expert_rule`` is
+    ``final`` or ``best`` (:func:`select_checkpoints`); ``minari=False`` writes the HDF5 files only.
+    ``log`` receives one line per part. Every problem raises :class:`DatasetError`.
+    """
     spec = env_spec(env)
     if size < 1:
         raise DatasetError(str(out), f"--size must be >= 1, got {size}")
@@ -311,7 +326,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
               "behavior_algorithm": index.get("algorithm", "dromo_ray_sac" if index.get("shipped") else "rllib_sac"),
               **{f"{k}_version": v for k, v in vers.items()}}
 
-    def collect(part: str, ckpt: dict[str, Any] | None) -> Any:
+    def collect(part: str, ckpt: dict[str, Any] | None) -> tuple[OfflineDataset, dict[str, Any]]:
         part_seed = seed + PARTS.index(part)
         if ckpt is None:
             ds = collect_transitions(spec.key, "random", size, part_seed, progress=progress, policy_name="random")
@@ -324,7 +339,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
             ds.infos["action_log_probs"] = np.concatenate(rec.log_probs)[: len(ds)]
         return ds, {"collection_seed": part_seed, **policy_meta("policy", ckpt)}
 
-    def build(part: str) -> tuple[Any, dict[str, Any]]:
+    def build(part: str) -> tuple[OfflineDataset, dict[str, Any]]:
         if part == "random":
             return collect(part, None)
         if part == "medium":
@@ -332,9 +347,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
         if part == "expert":
             return collect(part, sel.expert)
         if part == "medium-replay" and index.get("shipped"):
-            from dromo_ray.data.shipped import medium_replay
-
-            ds = medium_replay(spec.key, shipped_dir)  # regenerated from the shipped actions, checked bitwise
+            ds = shipped.medium_replay(spec.key, shipped_dir)  # regenerated from the shipped actions, checked bitwise
             return ds, {"replay_rows": len(ds), "replay_log": "shipped actions (regenerated)",
                         **policy_meta("policy", sel.medium)}
         if part == "medium-replay":
@@ -393,8 +406,6 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
         if minari:
             root = (out / "minari").resolve()
             with _minari_root(root):
-                from dromo_ray.data.minari_io import write_minari
-
                 if (root / mid).exists():
                     check_existing(root / mid, f"Minari dataset {mid}", _minari_dromo_metadata(root / mid))
                 else:
@@ -423,6 +434,7 @@ def _fmt(v: float | None) -> str:
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
+    """The manifest as text: the selection, then one row per part made."""
     sel = manifest["selection"]
     expert = "not shipped" if "expert" in manifest.get("unavailable", {}) else sel["expert"]
     lines = [f"{manifest['gym_id']} suite ({manifest['sampling']} policies; medium = {sel['medium']}, "
@@ -434,19 +446,3 @@ def summary_table(manifest: dict[str, Any]) -> str:
             lines.append(f"{part:<14} {e['transitions']:>11} {e['complete_episodes']:>9} "
                          f"{_fmt(e['return_mean']):>9} {_fmt(e['normalized_score']):>11}")
     return "\n".join(lines)
-
-
-def run_suite(args: argparse.Namespace) -> int:
-    """Handler of ``dromo-ray suite make``."""
-    from dromo_ray.core.threads import set_torch_threads
-
-    set_torch_threads(1)
-    parts = PARTS if args.parts in ("", "all") else tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    progress = sys.stderr.isatty() and not args.json
-    manifest = make_suite(
-        args.env, args.size, args.out or f"suite_{args.env}", args.policies or None,
-        seed=args.seed, parts=parts, deterministic=args.deterministic, minari=not args.no_minari,
-        progress=progress, log=None if args.json else (lambda s: print(s, flush=True)), expert_rule=args.expert,
-    )
-    print(json.dumps(manifest, indent=2) if args.json else summary_table(manifest))
-    return 0
