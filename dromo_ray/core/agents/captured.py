@@ -186,7 +186,7 @@ class CapturedUpdate:
         gen_state = gen.get_state()
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(gen)
-        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=side):
             self.step()
         gen.set_state(gen_state)  # capture draws no numbers; keep the stream exactly where it was regardless
         self.cursor.zero_()
