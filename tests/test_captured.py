@@ -8,6 +8,8 @@ graphed update equals the eager one.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -263,6 +265,35 @@ def test_learner_actor_in_learner_rollout_mode(tiny_hopper_dataset):
     m = out["metrics"]
     assert np.isfinite(m["train/critic_loss"]) and 0 < m["perf/learner_wait_fraction"] < 1
     assert "rollouts" in learner.state_dict()
+
+
+@pytest.mark.ray
+def test_run_with_learner_side_rollouts_on_ray(tiny_hopper_hdf5, tmp_path):
+    """Algorithm 1 on local Ray with rollout.mode learner and the captured update: no rollout worker, the learner's
+    own D_model fills, the checkpoint carries it and the replay actor stays empty."""
+    import ray
+
+    from dromo_ray.config import load_config
+    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.runtime.checkpoint import load_checkpoint
+    from dromo_ray.runtime.driver import run_experiment
+
+    tiny_yaml = Path(__file__).resolve().parents[1] / "tune_configs" / "tiny_hopper_dromo.yaml"
+    cfg = load_config(tiny_yaml, [f"data.dataset={tiny_hopper_hdf5}", f"out_dir={tmp_path}", "rollout.mode=learner",
+                                  "agent.update_mode=captured", "train.total_steps=50", "train.eval_interval=50",
+                                  "train.checkpoint_interval=50", "runtime.num_evaluators=0"])
+    started: dict = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        res = run_experiment(cfg, load_dataset(str(tiny_hopper_hdf5)), tmp_path, progress=False,
+                             on_start=lambda info: started.update(info))
+    finally:
+        ray.shutdown()
+    assert res.steps == 50 and started["workers"] == []
+    ckpt = load_checkpoint(res.checkpoint)
+    buffer = ckpt["learner"]["rollouts"]["buffer"]
+    assert buffer["size"] > 0 and buffer["obs"].shape == (buffer["size"], 11)
+    assert ckpt["replay"]["buffer"]["size"] == 0
 
 
 # ---- CUDA: graphed == eager --------------------------------------------------------------------------------

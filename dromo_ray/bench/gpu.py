@@ -133,7 +133,7 @@ def run_gpu_check(*, device: str = "cuda", out: str | Path = "gpu_check.json", q
             for mode in ("eager", "captured"):
                 steps = 3 if quick else LEARNER_STEPS[mode]
                 m = measure_learner(algo=a, device=str(dev), batch=sizes["batch"], steps=steps,
-                                    update_modes=(mode,), hidden=sizes["hidden"], peak=False,
+                                    threads=1 if quick else 0, update_modes=(mode,), hidden=sizes["hidden"], peak=False,
                                     warmup=2 if quick else 10, rounds=1 if quick else 3)
                 res.update({k: v for k, v in m.items() if k.startswith(mode)})
                 res.update({k: m[k] for k in ("gflop_per_update", "critic_rows_per_update", "threads")})
@@ -158,7 +158,7 @@ def run_gpu_check(*, device: str = "cuda", out: str | Path = "gpu_check.json", q
                     return {"skipped": "Ray is not installed here"}
             return measure_pipeline(algo="mbpo" if quick else "dromo", steps=10 if quick else PIPELINE_STEPS,
                                     device=str(dev), rollout_mode=m,
-                                    **({"starts_per_round": 200, "warmup": 2} if quick else {}))
+                                    **({"starts_per_round": 200, "warmup": 2, "interval": 5} if quick else {}))
 
         r = guarded(report["pipeline"], mode, pipe)
         if r is not None:

@@ -42,6 +42,8 @@ DATASET_SIZE = 1_000_000
 """|D| the KDE density counts against (D4RL's 1M transitions)."""
 DATA_ROWS = 100_000
 """Synthetic rows of the bench's dataset and of its D_model."""
+MOPO_AUTO_DELTA = 0.5
+"""δ of MOPO-auto's dual update for the bench (a run's driver sets it from D; speed does not depend on it)."""
 
 
 def _linear_flops(module: torch.nn.Module) -> int:
@@ -86,6 +88,8 @@ def _agent(algo: str, device: torch.device, batch: int, hidden: tuple[int, ...],
     sizes: dict[str, Any] = dict(algorithm=algo, batch_size=batch, hidden_dims=hidden, num_actions=10,
                                  conservative_form="logsumexp", variance_form="action", density="kde",
                                  update_mode=update_mode)
+    if algo == "mopo_auto":
+        sizes["mopo_target_entropy"] = MOPO_AUTO_DELTA
     cfg = AgentConfig(**sizes)
     cfg.validate()
     behavior = density = None

@@ -33,14 +33,15 @@ from dromo_ray.bench.common import device_name, resolve_device, sync
 ROLLOUT_MODES = ("workers", "learner")
 
 
-def _setup(algo: str, steps: int, device: str, update_mode: str, rollout_mode: str, starts: int) -> Any:
+def _setup(algo: str, steps: int, device: str, update_mode: str, rollout_mode: str, starts: int,
+           interval: int) -> Any:
     from dromo_ray.core.config import config_from_dict
 
     return config_from_dict({
         "seed": 0, "device": device, "out_dir": tempfile.mkdtemp(prefix="dromo_bench_"),
         "data": {"dataset": "bench", "env": "hopper"},
         "agent": {"algorithm": algo, "batch_size": 256, "num_actions": 10, "update_mode": update_mode},
-        "rollout": {"horizon": 5, "batch_size": starts, "interval": 250, "model_buffer_size": 1_000_000,
+        "rollout": {"horizon": 5, "batch_size": starts, "interval": interval, "model_buffer_size": 1_000_000,
                     "mode": rollout_mode},
         "runtime": {"synchronous": False, "num_rollout_workers": 2, "rollout_worker_cpus": 0.5,
                     "learner_cpus": 0.9, "weight_sync_interval": 50, "replay_chunk_batches": 32},
@@ -90,11 +91,12 @@ def _arrays(dataset: Any) -> Any:
 
 
 def measure_pipeline(*, algo: str = "dromo", steps: int = 300, device: str = "cpu", rollout_mode: str = "workers",
-                     update_mode: str = "auto", starts_per_round: int = 10_000, warmup: int = 20) -> dict[str, Any]:
+                     update_mode: str = "auto", starts_per_round: int = 10_000, interval: int = 250,
+                     warmup: int = 20) -> dict[str, Any]:
     """The pipeline bench in one rollout mode (see the module docstring); ``device`` is the learner's (``cpu``,
     ``cuda``, ``cuda:N``; a device that cannot work is a UserError), ``update_mode`` its ``agent.update_mode``;
-    K = ``starts_per_round`` start states per rollout round (H = 5, every 250 updates: Alg. 1's default rate of
-    50k starts per 1000 updates), ``warmup`` untimed learner updates first."""
+    K = ``starts_per_round`` start states per rollout round, H = 5, a round every ``interval`` updates (10k per 250:
+    Alg. 1's default rate of 50k starts per 1000 updates), ``warmup`` untimed learner updates first."""
     from dromo_ray.core.threads import set_torch_threads
     from dromo_ray.errors import UserError
 
@@ -102,7 +104,8 @@ def measure_pipeline(*, algo: str = "dromo", steps: int = 300, device: str = "cp
         raise UserError(f"rollout mode {rollout_mode!r}: one of {', '.join(ROLLOUT_MODES)}")
     dev = resolve_device(device)
     set_torch_threads(1)
-    cfg = _setup(algo, steps, "cpu" if dev.type == "cpu" else "cuda", update_mode, rollout_mode, starts_per_round)
+    cfg = _setup(algo, steps, "cpu" if dev.type == "cpu" else "cuda", update_mode, rollout_mode, starts_per_round,
+                 interval)
     dataset, what = bench_dataset()
     if rollout_mode == "learner":
         result = _measure_learner_mode(cfg, dataset, steps, dev, warmup)
@@ -230,6 +233,6 @@ def _measure_learner_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     return {"learner_device": str(dev), "update_mode": core.update_mode,
             "learner_updates_per_s": steps / dt, "learner_wait_fraction": (core.data_wait_s - wait0) / dt,
             "rollout_rounds": rollouts.rounds - rounds0, "rollout_transitions": float(added),
-            "rollout_transitions_per_s": added / roll_s if roll_s > 0 else float("nan"),
+            "rollout_transitions_per_s": added / roll_s if roll_s > 0 else None,
             "starts_per_round": ro.batch_size, "horizon": ro.horizon, "rollout_interval": ro.interval,
             "final_critic_loss": float(m["train/critic_loss"])}
