@@ -8,8 +8,6 @@ graphed update equals the eager one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -272,13 +270,13 @@ def test_run_with_learner_side_rollouts_on_ray(tiny_hopper_hdf5, tmp_path):
     """Algorithm 1 on local Ray with rollout.mode learner and the captured update: no rollout worker, the learner's
     own D_model fills, the checkpoint carries it and the replay actor stays empty."""
     import ray
+    from test_runtime import TINY as tiny_yaml  # the runtime tests' tiny config, wherever it lives
 
     from dromo_ray.config import load_config
     from dromo_ray.data.dataset import load_dataset
     from dromo_ray.runtime.checkpoint import load_checkpoint
     from dromo_ray.runtime.driver import run_experiment
 
-    tiny_yaml = Path(__file__).resolve().parents[1] / "tune_configs" / "tiny_hopper_dromo.yaml"
     cfg = load_config(tiny_yaml, [f"data.dataset={tiny_hopper_hdf5}", f"out_dir={tmp_path}", "rollout.mode=learner",
                                   "agent.update_mode=captured", "train.total_steps=50", "train.eval_interval=50",
                                   "train.checkpoint_interval=50", "runtime.num_evaluators=0"])

@@ -72,6 +72,10 @@ class LearnerCore:
     the learner's device into a device-side D_model, one round every ``rollout_interval`` updates (Alg. 1 line 4,
     a round before the first update and whenever that D_model is empty); model rows then come from it instead of
     ``fetch_model_chunk``. Rollout time counts as data wait (the learner does not update meanwhile).
+
+    ``data_wait_s`` is host time spent getting model rows (and rolling out). With the captured update on CUDA
+    the device keeps replaying the queued updates of the previous chunk while the host fetches the next one, so
+    there it is an upper bound of the device's idle time.
     """
 
     def __init__(self, agent: Any, sampler: DatasetSampler, batch_size: int, f: float,
@@ -192,6 +196,8 @@ class LearnerCore:
         due = self.steps % self.rollout_interval == 0 and self._rolled_at != self.steps
         if not due and len(self.rollouts.buffer) > 0:
             return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # queued updates are compute, not rollout time
         t0 = time.perf_counter()
         stats = self.rollouts.round()
         dt = time.perf_counter() - t0
