@@ -146,7 +146,7 @@ def run_gpu_check(*, device: str = "cuda", out: str | Path = "gpu_check.json", q
         if r is not None:
             log(f"  {algo:<10} captured {r['captured_updates_per_s']:,.0f}/s, eager {r['eager_updates_per_s']:,.0f}/s "
                 f"(x{r['captured_vs_eager']:.1f}), wait {100 * r['captured_wait_fraction']:.2f}%")
-    log("3. pipeline bench (DROMO)")
+    log(f"3. pipeline bench ({'MBPO' if quick else 'DROMO'})")
     for mode in ("learner", "workers"):
         def pipe(m: str = mode) -> dict[str, Any]:
             if m == "workers":
