@@ -1,6 +1,7 @@
-"""``dromo-ray bench pipeline``: the learner fed by live actors versus the learner alone, and rollout scaling.
+"""``dromo-ray bench pipeline``: the learner fed by model rollouts, in either rollout mode.
 
-Three measurements on a local Ray instance, with the real actor classes of :mod:`dromo_ray.runtime.actors`:
+``rollout_mode="workers"`` — three measurements on a local Ray instance, with the real actor classes of
+:mod:`dromo_ray.runtime.actors`:
 
 1. learner alone: the replay actor is pre-filled, no rollout worker runs; updates/s and the fraction of
    learner time spent waiting for model chunks;
@@ -8,45 +9,71 @@ Three measurements on a local Ray instance, with the real actor classes of :mod:
    the replay actor (asynchronous mode); updates/s and wait fraction;
 3. rollout throughput: 1..N workers rolling K start states each round in parallel; transitions/s.
 
-Dynamics weights are freshly initialised (throughput does not depend on training), the dataset is collected
-with the real Hopper-v5 environment (random policy).
+``rollout_mode="learner"`` — the learner rolls out itself (``rollout.mode: learner``): the elite ensemble on the
+learner's device rolls K start states H steps every ``rollout.interval`` updates into a device D_model. The
+learner core runs in this process (no actor feeds it, so there is nothing for Ray to carry); updates/s, the wait
+fraction (the rollout rounds' share of the learner's time) and rollout transitions/s.
+
+Dynamics weights are freshly initialised (throughput does not depend on training). The dataset is collected with
+the real Hopper-v5 environment (random policy) where Gymnasium's MuJoCo is installed, else synthetic Hopper-sized
+states near the healthy posture (``dataset`` in the result says which).
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from typing import Any
 
-import ray
+import numpy as np
 import torch
 
-from dromo_ray.bench.common import check_at_least, emit
+from dromo_ray.bench.common import device_name, resolve_device, sync
+
+ROLLOUT_MODES = ("workers", "learner")
 
 
-def _setup(algo: str, steps: int) -> tuple[Any, Any]:
+def _setup(algo: str, steps: int, device: str, update_mode: str, rollout_mode: str, starts: int,
+           interval: int) -> Any:
     from dromo_ray.core.config import config_from_dict
-    from dromo_ray.data.gym_env import collect_transitions
 
-    dataset = collect_transitions("hopper", "random", 5000, seed=0, progress=False)
-    cfg = config_from_dict({
-        "seed": 0, "device": "auto", "out_dir": tempfile.mkdtemp(prefix="dromo_bench_"),
+    return config_from_dict({
+        "seed": 0, "device": device, "out_dir": tempfile.mkdtemp(prefix="dromo_bench_"),
         "data": {"dataset": "bench", "env": "hopper"},
-        "agent": {"algorithm": algo, "batch_size": 256, "num_actions": 10},
-        "rollout": {"horizon": 5, "batch_size": 10_000, "interval": 250, "model_buffer_size": 1_000_000},
+        "agent": {"algorithm": algo, "batch_size": 256, "num_actions": 10, "update_mode": update_mode},
+        "rollout": {"horizon": 5, "batch_size": starts, "interval": interval, "model_buffer_size": 1_000_000,
+                    "mode": rollout_mode},
         "runtime": {"synchronous": False, "num_rollout_workers": 2, "rollout_worker_cpus": 0.5,
                     "learner_cpus": 0.9, "weight_sync_interval": 50, "replay_chunk_batches": 32},
         "train": {"total_steps": steps},
     })
-    return cfg, dataset
+
+
+def bench_dataset(n: int = 5000) -> tuple[Any, str]:
+    """(OfflineDataset, what it is): Hopper-v5 random-policy transitions, or synthetic ones without MuJoCo."""
+    try:
+        from dromo_ray.data.gym_env import collect_transitions
+    except ImportError:
+        collect_transitions = None
+    if collect_transitions is not None:
+        return collect_transitions("hopper", "random", n, seed=0, progress=False), "hopper-v5 random policy"
+    from dromo_ray.data.dataset import OfflineDataset
+
+    rng = np.random.default_rng(0)
+    obs = 0.1 * rng.standard_normal((n + 1, 11)).astype(np.float32)
+    obs[:, 0] += 1.25  # torso height and angle of a healthy Hopper
+    obs[:, 1] *= 0.2
+    starts = np.zeros(n, bool)
+    starts[::100] = True
+    ds = OfflineDataset(obs[:-1], rng.uniform(-1, 1, (n, 3)), 0.1 * rng.standard_normal(n), obs[1:],
+                        np.zeros(n, bool), np.roll(starts, -1), starts, "hopper", source="synthetic")
+    return ds, "synthetic hopper-sized (no MuJoCo here)"
 
 
 def _initial_dynamics(cfg: Any, dataset: Any) -> dict[str, torch.Tensor]:
     from dromo_ray.core import dynamics
-    from dromo_ray.runtime.actors import dataset_arrays
 
-    a = dataset_arrays(dataset)
+    a = _arrays(dataset)
     inputs, targets = dynamics.make_inputs_targets(a.obs, a.act, a.next_obs, a.rew)
     model = dynamics.EnsembleDynamics(a.obs.shape[1], a.act.shape[1], cfg.dynamics,
                                       generator=torch.Generator().manual_seed(0))
@@ -54,29 +81,58 @@ def _initial_dynamics(cfg: Any, dataset: Any) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def run(args: argparse.Namespace) -> int:
+def _arrays(dataset: Any) -> Any:
+    from dromo_ray.core.types import NumpyBatch
+
+    n = len(dataset)
+    return NumpyBatch(*(np.asarray(x, dtype=np.float32) for x in (
+        dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)),
+        np.zeros(n, dtype=np.float32))
+
+
+def measure_pipeline(*, algo: str = "dromo", steps: int = 300, device: str = "cpu", rollout_mode: str = "workers",
+                     update_mode: str = "auto", starts_per_round: int = 10_000, interval: int = 250,
+                     warmup: int = 20) -> dict[str, Any]:
+    """The pipeline bench in one rollout mode (see the module docstring); ``device`` is the learner's (``cpu``,
+    ``cuda``, ``cuda:N``; a device that cannot work is a UserError), ``update_mode`` its ``agent.update_mode``;
+    K = ``starts_per_round`` start states per rollout round, H = 5, a round every ``interval`` updates (10k per 250:
+    Alg. 1's default rate of 50k starts per 1000 updates), ``warmup`` untimed learner updates first."""
     from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.errors import UserError
+
+    if rollout_mode not in ROLLOUT_MODES:
+        raise UserError(f"rollout mode {rollout_mode!r}: one of {', '.join(ROLLOUT_MODES)}")
+    dev = resolve_device(device)
+    set_torch_threads(1)
+    cfg = _setup(algo, steps, "cpu" if dev.type == "cpu" else "cuda", update_mode, rollout_mode, starts_per_round,
+                 interval)
+    dataset, what = bench_dataset()
+    if rollout_mode == "learner":
+        result = _measure_learner_mode(cfg, dataset, steps, dev, warmup)
+    else:
+        try:
+            import ray
+        except ImportError:
+            raise UserError("bench pipeline: the workers rollout mode needs Ray (pip install ray)") from None
+        from dromo_ray.runtime.cluster import start_ray
+
+        started = start_ray()
+        try:
+            result = _measure_workers_mode(cfg, dataset, steps, dev, warmup)
+        finally:
+            if started:
+                ray.shutdown()
+    result.update({"rollout_mode": rollout_mode, "dataset": what, "algo": algo,
+                   "learner_card": device_name(dev) if dev.type == "cuda" else "cpu"})
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def _measure_workers_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device, warmup: int) -> dict[str, Any]:
+    import ray
+
+    from dromo_ray.core.nets import TanhGaussianActor
     from dromo_ray.runtime import actors as A
     from dromo_ray.runtime.driver import build_density_state
-
-    check_at_least("--steps", args.steps, 1)
-    set_torch_threads(1)
-    algo = getattr(args, "algo", "dromo")
-    cfg, dataset = _setup(algo, args.steps)
-    from dromo_ray.runtime.cluster import start_ray
-
-    started = start_ray()
-    try:
-        result = _measure(cfg, dataset, args.steps, A, build_density_state)
-    finally:
-        if started:
-            ray.shutdown()
-    emit(result, args.json, f"bench pipeline ({algo}, batch 256, K={cfg.rollout.batch_size}, H={cfg.rollout.horizon})")
-    return 0
-
-
-def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: Any) -> dict[str, Any]:
-    from dromo_ray.core.nets import TanhGaussianActor
 
     spec_obs, spec_act = dataset.observations.shape[1], dataset.actions.shape[1]
     data_ref = ray.put(dataset)
@@ -85,10 +141,11 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
     if cfg.agent.needs_behavior_policy():
         behavior = TanhGaussianActor(spec_obs, spec_act, A._behavior_hidden(cfg)).state_dict()
     rt = cfg.runtime
+    gpus = 1.0 if dev.type == "cuda" else 0.0
     replay = A.remote(A.ReplayServer, num_cpus=0.01).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
-    learner = A.remote(A.Learner, num_cpus=rt.learner_cpus).remote(
-        cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), 0.0,
-        dyn_ref if cfg.agent.needs_dynamics() else None)
+    learner = A.remote(A.Learner, num_cpus=rt.learner_cpus, num_gpus=gpus).remote(
+        cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), gpus,
+        dyn_ref if A.learner_needs_dynamics(cfg) else None)
     policy = ray.get(learner.policy_states.remote())["target"]
     Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus)
     max_workers = rt.num_rollout_workers
@@ -109,7 +166,7 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
         out[f"rollout_transitions_per_s_{n}_workers"] = total / dt
 
     # 1. learner alone on the pre-filled buffer
-    ray.get(learner.train.remote(20))  # warm-up
+    ray.get(learner.train.remote(warmup))  # warm-up (and the capture, in the captured update mode)
     alone = ray.get(learner.train.remote(steps))["metrics"]
     out["learner_alone_updates_per_s"] = alone["perf/learner_updates_per_s"]
     out["learner_alone_wait_fraction"] = alone["perf/learner_wait_fraction"]
@@ -131,5 +188,51 @@ def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: An
         ray.kill(h)
     out["cpus"] = float(ray.cluster_resources().get("CPU", 0))
     out["note"] = "2-core machines share cores between the learner and the workers; fed_vs_alone shows it"
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    return out
 
+
+def _measure_learner_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device, warmup: int) -> dict[str, Any]:
+    from dromo_ray.core.agents import make_agent
+    from dromo_ray.core.density import make_density
+    from dromo_ray.core.dynamics import EnsembleDynamics
+    from dromo_ray.core.envs import get_env_spec
+    from dromo_ray.core.learner import DatasetSampler, LearnerCore
+    from dromo_ray.core.model_env import model_env_for
+    from dromo_ray.core.nets import TanhGaussianActor
+    from dromo_ray.core.rollout import LearnerRollouts
+
+    spec = get_env_spec("hopper")
+    model = EnsembleDynamics(spec.obs_dim, spec.act_dim, cfg.dynamics)
+    model.load_state_dict(_initial_dynamics(cfg, dataset))
+    model = model.to(dev)
+    behavior = density = None
+    if cfg.agent.needs_behavior_policy():
+        behavior = TanhGaussianActor(spec.obs_dim, spec.act_dim, (256, 256))
+        density = make_density(cfg.agent, np.asarray(dataset.observations, dtype=np.float32),
+                               generator=torch.Generator().manual_seed(3))
+    agent = make_agent(cfg.agent, spec.obs_dim, spec.act_dim, device=dev, seed=cfg.seed, behavior=behavior,
+                       density=density, dataset_size=len(dataset), total_steps=cfg.train.total_steps,
+                       dynamics=model if cfg.agent.needs_dynamics() else None)
+    ro = cfg.rollout
+    rollouts = LearnerRollouts(model_env_for(cfg.agent, model, spec.termination_fn), agent.target_actor,
+                               dataset.observations, horizon=ro.horizon, num_starts=ro.batch_size,
+                               buffer_size=ro.model_buffer_size, device=dev, seed=cfg.seed * 1000 + 999)
+    core = LearnerCore(agent, DatasetSampler(_arrays(dataset), dev, seed=cfg.seed + 17), cfg.agent.batch_size,
+                       cfg.agent.f, None, chunk_batches=cfg.runtime.replay_chunk_batches,
+                       update_mode=cfg.agent.update_mode, rollouts=rollouts, rollout_interval=ro.interval)
+    core.train(warmup)  # warm-up: the first rollout round and the capture
+    sync(dev)
+    wait0, roll0, added0 = core.data_wait_s, core.rollout_s, rollouts.buffer.total_added
+    rounds0 = rollouts.rounds
+    t0 = time.perf_counter()
+    m = core.train(steps)
+    sync(dev)
+    dt = time.perf_counter() - t0
+    roll_s = core.rollout_s - roll0
+    added = rollouts.buffer.total_added - added0
+    return {"learner_device": str(dev), "update_mode": core.update_mode,
+            "learner_updates_per_s": steps / dt, "learner_wait_fraction": (core.data_wait_s - wait0) / dt,
+            "rollout_rounds": rollouts.rounds - rounds0, "rollout_transitions": float(added),
+            "rollout_transitions_per_s": added / roll_s if roll_s > 0 else None,
+            "starts_per_round": ro.batch_size, "horizon": ro.horizon, "rollout_interval": ro.interval,
+            "final_critic_loss": float(m["train/critic_loss"])}

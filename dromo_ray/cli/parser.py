@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=int, default=256)
     q.add_argument("--steps", type=int, default=50, help="timed updates")
     q.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    q.add_argument("--update-mode", choices=["both", "eager", "captured"], default="both",
+                   help="which updates to time (captured: one CUDA graph replay per update on CUDA; on CPU the "
+                   "same static-buffer step without a graph)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("bench", "cmd_bench_learner"))
     q = bsub.add_parser("dynamics", help="ensemble training rows/s and model-env transitions/s")
@@ -192,8 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("pipeline", help="learner with actors feeding it vs alone; rollout scaling")
     q.add_argument("--steps", type=int, default=300, help="timed learner updates per measurement")
     q.add_argument("--algo", choices=AGENT_ALGORITHMS, default="dromo")
+    q.add_argument("--device", default="cpu", help="the learner's device: cpu, cuda or cuda:N")
+    q.add_argument("--rollout-mode", choices=["workers", "learner", "both"], default="workers",
+                   help="workers: CPU rollout-worker actors feed the learner (Ray); learner: the learner rolls "
+                   "out itself on its device (rollout.mode)")
+    q.add_argument("--update-mode", choices=["auto", "eager", "captured"], default="auto",
+                   help="the learner's agent.update_mode")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_handler("bench", "cmd_bench_pipeline"))
+    q = bsub.add_parser("gpu", help="the GPU check: graphed == eager updates for every algorithm, the learner "
+                        "bench (captured and eager) and the pipeline bench in both rollout modes, one JSON file")
+    q.add_argument("--device", default="cuda", help="cuda or cuda:N (cpu only with --quick, for tests)")
+    q.add_argument("--out", default="gpu_check.json", help="the JSON file written (after every stage)")
+    q.add_argument("--quick", action="store_true", help="tiny sizes and a few updates: the same code path in "
+                   "seconds (figures mean nothing)")
+    q.add_argument("--budget", type=float, default=270.0, help="seconds after which remaining stages are "
+                   "skipped (recorded as such)")
+    q.set_defaults(func=_handler("bench", "cmd_bench_gpu"))
 
     return parser
 

@@ -1,4 +1,5 @@
-"""D_model: a bounded FIFO of model transitions (Alg. 1 lines 2 and 4), in numpy for cheap shipping.
+"""D_model: a bounded FIFO of model transitions (Alg. 1 lines 2 and 4), in numpy for cheap shipping
+(:class:`ReplayBuffer`), or in torch on the learner's device for learner-side rollouts (:class:`DeviceReplayBuffer`).
 
 Shapes: C capacity, D_o observation dims, D_a action dims, n rows. Fields match
 :class:`dromo_ray.core.types.NumpyBatch`: obs (n, D_o), act (n, D_a), rew (n,), next_obs (n, D_o),
@@ -10,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from dromo_ray.core.types import NumpyBatch
+from dromo_ray.core.types import Batch, NumpyBatch
 
 FIELDS = NumpyBatch._fields
 
@@ -104,5 +106,83 @@ class ReplayBuffer:
                                  f"expected {(size, *self._shapes[f])}")
             self._data[f][:size] = a
             self._data[f][size:] = 0.0
+        self._size, self._ptr = size, int(state["ptr"])
+        self.total_added = int(state.get("total_added", size))
+
+
+class DeviceReplayBuffer:
+    """D_model as torch tensors on one device (``rollout.mode: learner``): the same bounded FIFO as
+    :class:`ReplayBuffer`, filled by learner-side rollouts and sampled there without leaving the device.
+
+    Rows are :class:`~dromo_ray.core.types.Batch` fields: obs (C, D_o), act (C, D_a), rew (C,), next_obs (C, D_o),
+    done (C,) float 0/1, unc (C,), float32. ``state_dict`` has :class:`ReplayBuffer`'s layout (numpy), so either
+    buffer restores the other's state.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device | str) -> None:
+        if capacity < 1:
+            raise ValueError(f"DeviceReplayBuffer: capacity must be >= 1, got {capacity}")
+        self.capacity, self.obs_dim, self.act_dim = int(capacity), int(obs_dim), int(act_dim)
+        self.device = torch.device(device)
+        self._shapes = {"obs": (obs_dim,), "act": (act_dim,), "rew": (), "next_obs": (obs_dim,), "done": (),
+                        "unc": ()}
+        self._data = {f: torch.zeros((self.capacity, *self._shapes[f]), device=self.device) for f in FIELDS}
+        self._ptr = 0
+        self._size = 0
+        self.total_added = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, batch: Batch) -> None:
+        """Append n rows (a torch ``Batch``, any device) in order, overwriting the oldest once full."""
+        n = int(batch.obs.shape[0])
+        for f, a in zip(FIELDS, batch, strict=True):
+            if tuple(a.shape) != (n, *self._shapes[f]):
+                raise ValueError(f"DeviceReplayBuffer.add: {f} must have shape {(n, *self._shapes[f])}, "
+                                 f"got {tuple(a.shape)}")
+        if n == 0:
+            return
+        self.total_added += n
+        if n >= self.capacity:
+            batch = Batch(*(a[n - self.capacity:] for a in batch))
+            n = self.capacity
+        first = min(n, self.capacity - self._ptr)
+        for f, a in zip(FIELDS, batch, strict=True):
+            a = a.to(self.device, non_blocking=True)
+            self._data[f][self._ptr:self._ptr + first].copy_(a[:first])
+            if first < n:
+                self._data[f][: n - first].copy_(a[first:])
+        self._ptr = (self._ptr + n) % self.capacity
+        self._size = min(self._size + n, self.capacity)
+
+    def sample_chunk(self, num_batches: int, batch_size: int, generator: torch.Generator) -> Batch:
+        """``num_batches`` batches of ``batch_size`` rows drawn uniformly with replacement (``generator`` on the
+        buffer's device), as one torch ``Batch`` of num_batches·batch_size rows; batch i is rows
+        [i·batch_size, (i + 1)·batch_size)."""
+        if self._size == 0:
+            raise ValueError("DeviceReplayBuffer.sample_chunk: the buffer is empty")
+        idx = torch.randint(self._size, (int(num_batches) * int(batch_size),), generator=generator,
+                            device=self.device)
+        return Batch(*(self._data[f].index_select(0, idx) for f in FIELDS))
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {f: self._data[f][: self._size].cpu().numpy().copy() for f in FIELDS}
+        state.update(capacity=self.capacity, obs_dim=self.obs_dim, act_dim=self.act_dim, ptr=self._ptr,
+                     size=self._size, total_added=self.total_added)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (int(state["capacity"]), int(state["obs_dim"]), int(state["act_dim"])) != (
+                self.capacity, self.obs_dim, self.act_dim):
+            raise ValueError("DeviceReplayBuffer.load_state_dict: capacity or dims differ from this buffer's")
+        size = int(state["size"])
+        for f in FIELDS:
+            a = torch.as_tensor(np.asarray(state[f], dtype=np.float32))
+            if tuple(a.shape) != (size, *self._shapes[f]):
+                raise ValueError(f"DeviceReplayBuffer.load_state_dict: {f} has shape {tuple(a.shape)}, "
+                                 f"expected {(size, *self._shapes[f])}")
+            self._data[f].zero_()
+            self._data[f][:size].copy_(a)
         self._size, self._ptr = size, int(state["ptr"])
         self.total_added = int(state.get("total_added", size))

@@ -222,6 +222,11 @@ class AgentConfig:
     mobile_penalty_form: str = "bellman"
     """``bellman``: U = Std_i[r_i + gamma V(s'_i)], the paper's Bellman estimates; ``next_value``: U = Std_i[V(s'_i)],
     what the authors' code computes (rewards and gamma left out)."""
+    update_mode: str = "auto"
+    """How the learner runs an update: ``eager`` (one PyTorch call after another), ``captured`` (the whole critic +
+    actor + temperature + Polyak step, d_f batch assembly and action sampling included, recorded once as a CUDA
+    graph and replayed per update, ``core/agents/captured.py``; off CUDA the same static-buffer step runs without
+    a graph), or ``auto``: captured on CUDA (eager, with a warning, if the capture fails), eager elsewhere."""
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -257,6 +262,7 @@ class AgentConfig:
         _choice(self, "agent", "mopo_uncertainty", ("max_aleatoric", "disagreement", "entropy"))
         _choice(self, "agent", "mobile_penalty_form", ("bellman", "next_value"))
         _positive(self, "agent", "mobile_num_samples")
+        _choice(self, "agent", "update_mode", ("auto", "eager", "captured"))
         if self.algorithm != "cql_rllib" and not 0.0 < self.f < 1.0:
             raise ConfigError(f"agent.f: must be in (0, 1) for model-based algorithms (a d_f batch needs rows "
                               f"from D and from D_model), got {self.f}")
@@ -296,9 +302,14 @@ class RolloutConfig:
     """Capacity of the FIFO D_model."""
     deterministic: bool = False
     """Use the model mean instead of a sample."""
+    mode: str = "workers"
+    """Where model rollouts run: ``workers`` (CPU rollout-worker actors feeding the replay actor) or ``learner``
+    (the elite ensemble on the learner's device rolls ``batch_size`` starts every ``interval`` updates into a
+    D_model held on that device: no workers, weight syncs or Ray round trips; ``core/rollout.LearnerRollouts``)."""
 
     def validate(self) -> None:
         _positive(self, "rollout", "horizon", "batch_size", "interval", "model_buffer_size")
+        _choice(self, "rollout", "mode", ("workers", "learner"))
 
 
 @dataclass

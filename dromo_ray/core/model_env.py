@@ -159,6 +159,23 @@ class ModelEnv:
         return ModelStep(next_obs, rew, done, unc, signals, elites[pick], blown)
 
 
+def penalty_kind(agent: Any) -> str:
+    """The signal an algorithm's model rows carry as ``unc`` (an ``AgentConfig``): MOPO-auto's dual update needs
+    the ``entropy`` signal (appendix B); every other algorithm the configured ``mopo_uncertainty``."""
+    return "entropy" if agent.algorithm == "mopo_auto" else agent.mopo_uncertainty
+
+
+def model_env_for(agent: Any, model: EnsembleDynamics, termination_fn: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> ModelEnv:
+    """The model env of a run (``agent``: its ``AgentConfig``): MOPO's max over members runs over all of them;
+    other algorithms only log the signal (elites: cheaper). The entropy penalty needs ``mopo_entropy_ref``."""
+    penalty = penalty_kind(agent)
+    if penalty == "entropy" and agent.mopo_entropy_ref is None:
+        raise ValueError("model_env_for: the entropy penalty needs agent.mopo_entropy_ref (the driver sets it from D)")
+    return ModelEnv(model.eval(), termination_fn, penalty=penalty, all_members=agent.algorithm == "mopo",
+                    entropy_ref=agent.mopo_entropy_ref)
+
+
 class EntropyReference(NamedTuple):
     """H_ref (the q-quantile of H over D) and delta = E_D[max(0, H - H_ref)], both floats (nats per dimension)."""
 

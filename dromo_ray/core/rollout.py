@@ -1,16 +1,23 @@
 """Branched model rollouts (Alg. 1 line 4): K start states from D, H steps of the target policy in the model.
 
+:func:`rollout` returns numpy (what a CPU rollout worker ships to the replay actor); :func:`rollout_batch` keeps
+the same transitions on the device, and :class:`LearnerRollouts` runs whole rounds on the learner's device into a
+device D_model (``rollout.mode: learner``: no worker, no weight sync, no Ray round trip).
+
 Shapes: K start rows, D_o observation dims, D_a action dims, N <= K * H transitions returned.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from dromo_ray.core.buffer import DeviceReplayBuffer
 from dromo_ray.core.model_env import ModelEnv, model_blowup
 from dromo_ray.core.nets import TanhGaussianActor
-from dromo_ray.core.types import NumpyBatch
+from dromo_ray.core.types import Batch, NumpyBatch
 
 CPU_ROLLOUT_CHUNK = 2048
 """Start states rolled out together on CPU (policy and model activations stay in cache)."""
@@ -36,6 +43,30 @@ def rollout(model_env: ModelEnv, actor: TanhGaussianActor, start_obs: torch.Tens
     Everything stays on the model's device until the end: the only host syncs are one per step to drop
     terminated rows (a boolean index) and the single transfer of the packed result.
     """
+    return _unpack(rollout_chunks(model_env, actor, start_obs, horizon, generator, deterministic_policy,
+                                  deterministic_model, chunk_size), model_env.obs_dim, model_env.act_dim)
+
+
+@torch.no_grad()
+def rollout_batch(model_env: ModelEnv, actor: TanhGaussianActor, start_obs: torch.Tensor, horizon: int,
+                  generator: torch.Generator | None = None, deterministic_policy: bool = False,
+                  deterministic_model: bool = False, chunk_size: int | None = None) -> Batch:
+    """:func:`rollout` without leaving the device: the same transitions, in the same order, as a torch
+    :class:`Batch` on ``start_obs``'s device (what learner-side rollouts write into a device D_model)."""
+    chunks = rollout_chunks(model_env, actor, start_obs, horizon, generator, deterministic_policy,
+                            deterministic_model, chunk_size)
+    d_o, d_a = model_env.obs_dim, model_env.act_dim
+    packed = torch.cat(chunks, 0) if chunks else start_obs.new_zeros(0, 2 * d_o + d_a + 3)
+    cols = np.cumsum([0, d_o, d_a, 1, d_o, 1, 1])
+    obs, act, rew, next_obs, done, unc = (packed[:, a:b] for a, b in zip(cols[:-1], cols[1:], strict=True))
+    return Batch(obs.contiguous(), act.contiguous(), rew[:, 0].contiguous(), next_obs.contiguous(),
+                 done[:, 0].contiguous(), unc[:, 0].contiguous())
+
+
+def rollout_chunks(model_env: ModelEnv, actor: TanhGaussianActor, start_obs: torch.Tensor, horizon: int,
+                   generator: torch.Generator | None, deterministic_policy: bool, deterministic_model: bool,
+                   chunk_size: int | None) -> list[torch.Tensor]:
+    """The packed rows [obs, act, rew, next_obs, done, unc] (n, 2·D_o + D_a + 3) of :func:`rollout`, per step."""
     d_o = model_env.obs_dim
     assert start_obs.dim() == 2 and start_obs.shape[1] == d_o, (
         f"rollout expects start_obs (K, {d_o}), got {tuple(start_obs.shape)}"
@@ -50,7 +81,7 @@ def rollout(model_env: ModelEnv, actor: TanhGaussianActor, start_obs: torch.Tens
     for i in range(0, k, step):
         _rollout_chunk(model_env, actor, start_obs[i:i + step], horizon, generator, deterministic_policy,
                        deterministic_model, chunks)
-    return _unpack(chunks, model_env.obs_dim, model_env.act_dim)
+    return chunks
 
 
 def _rollout_chunk(model_env: ModelEnv, actor: TanhGaussianActor, obs: torch.Tensor, horizon: int,
@@ -91,3 +122,55 @@ def rollout_stats(batch: NumpyBatch, num_starts: int) -> dict[str, float]:
         "rollout/mean_unc": float(batch.unc.mean()) if n else 0.0,
         "rollout/transitions": float(n),
     }
+
+
+class LearnerRollouts:
+    """Alg. 1 line 4 on the learner's device: every :meth:`round` rolls the target policy π_θ' (the agent's own
+    ``target_actor``, so always the latest, with no weight copies) ``horizon`` steps from ``num_starts`` start
+    states of D through the elite ensemble, and appends the transitions to a :class:`DeviceReplayBuffer`, which
+    :meth:`sample_chunk` serves to the learner (``LearnerCore(fetch_model_chunk=...)``).
+
+    ``model_env`` and ``actor`` on ``device``; ``start_obs`` (N, D_o): D's observations (moved to the device once);
+    ``buffer_size``: D_model's capacity; ``seed``: the device generator that draws start states, rollout noise and
+    D_model samples (its state is in :meth:`state_dict`).
+    """
+
+    def __init__(self, model_env: ModelEnv, actor: TanhGaussianActor, start_obs: np.ndarray | torch.Tensor, *,
+                 horizon: int, num_starts: int, buffer_size: int, device: torch.device | str, seed: int,
+                 deterministic_model: bool = False) -> None:
+        self.device = torch.device(device)
+        self.model_env, self.actor = model_env, actor
+        self.start_obs = torch.as_tensor(np.asarray(start_obs, dtype=np.float32) if not torch.is_tensor(start_obs)
+                                         else start_obs, dtype=torch.float32, device=self.device)
+        assert self.start_obs.dim() == 2 and self.start_obs.shape[1] == model_env.obs_dim, (
+            f"LearnerRollouts: start_obs (N, {model_env.obs_dim}) expected, got {tuple(self.start_obs.shape)}")
+        self.horizon, self.num_starts = int(horizon), int(num_starts)
+        self.deterministic_model = bool(deterministic_model)
+        self.buffer = DeviceReplayBuffer(buffer_size, model_env.obs_dim, model_env.act_dim, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.rounds = 0
+
+    @torch.no_grad()
+    def round(self) -> dict[str, float]:
+        """One rollout round into D_model; returns :func:`rollout_stats` (a few host syncs per round)."""
+        idx = torch.randint(self.start_obs.shape[0], (self.num_starts,), generator=self.generator,
+                            device=self.device)
+        batch = rollout_batch(self.model_env, self.actor, self.start_obs.index_select(0, idx), self.horizon,
+                              self.generator, deterministic_model=self.deterministic_model)
+        self.buffer.add(batch)
+        self.rounds += 1
+        stats = rollout_stats(batch, self.num_starts)
+        stats.update({"replay/size": float(len(self.buffer)), "replay/added": float(self.buffer.total_added)})
+        return stats
+
+    def sample_chunk(self, num_batches: int, batch_size: int) -> Batch:
+        """``num_batches`` model batches of ``batch_size`` rows from D_model, on the device."""
+        return self.buffer.sample_chunk(num_batches, batch_size, self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict(), "generator": self.generator.get_state(), "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.generator.set_state(state["generator"])
+        self.rounds = int(state.get("rounds", 0))

@@ -244,7 +244,9 @@ class RolloutWorker:
 
 
 def _penalty_kind(agent: AgentConfig) -> str:
-    return "entropy" if agent.algorithm == "mopo_auto" else agent.mopo_uncertainty
+    from dromo_ray.core.model_env import penalty_kind
+
+    return penalty_kind(agent)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -280,8 +282,11 @@ class Learner:
         sampler = DatasetSampler(dataset_arrays(dataset), self.device, seed=cfg.seed + 17)
         self.replay = replay
         self._prefetch: Any = None
+        rollouts = (learner_rollouts(cfg, spec, dataset, dynamics_state, self.agent, self.device)
+                    if cfg.rollout.mode == "learner" else None)
         self.core = LearnerCore(self.agent, sampler, cfg.agent.batch_size, cfg.agent.f, self._fetch,
-                                chunk_batches=cfg.runtime.replay_chunk_batches)
+                                chunk_batches=cfg.runtime.replay_chunk_batches, update_mode=cfg.agent.update_mode,
+                                rollouts=rollouts, rollout_interval=cfg.rollout.interval)
         self.compute_s = 0.0
 
     def _fetch(self, num_batches: int, batch_size: int) -> NumpyBatch:
@@ -320,6 +325,30 @@ class Learner:
 
     def device_name(self) -> str:
         return str(self.device)
+
+
+# --- learner-side rollouts (rollout.mode: learner) ---------------------------------------------------------
+def learner_needs_dynamics(cfg: ExperimentConfig) -> bool:
+    """Whether the learner actor gets the trained ensemble: MOBILE's update queries it, learner-side rollouts
+    (``rollout.mode: learner``) run it."""
+    return cfg.agent.needs_dynamics() or cfg.rollout.mode == "learner"
+
+
+def learner_rollouts(cfg: ExperimentConfig, spec: Any, dataset: Any, dynamics_state: dict[str, Any] | None,
+                     agent: Any, device: torch.device) -> Any:
+    """:class:`~dromo_ray.core.rollout.LearnerRollouts` on the learner's device: the elite ensemble, D's states
+    as starts, the agent's own target policy; K = ``rollout.batch_size`` starts per round."""
+    from dromo_ray.core.model_env import model_env_for
+    from dromo_ray.core.rollout import LearnerRollouts
+
+    if dynamics_state is None:
+        raise ValueError("rollout.mode learner: the learner needs the trained dynamics ensemble")
+    model = dynamics_from_state(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics).to(device)
+    return LearnerRollouts(model_env_for(cfg.agent, model, spec.termination_fn), agent.target_actor,
+                           np.asarray(dataset.observations, dtype=np.float32), horizon=cfg.rollout.horizon,
+                           num_starts=cfg.rollout.batch_size, buffer_size=cfg.rollout.model_buffer_size,
+                           device=device, seed=cfg.seed * 1000 + 999, deterministic_model=cfg.rollout.deterministic)
+# --- end of learner-side rollouts --------------------------------------------------------------------------
 
 
 def _behavior_hidden(cfg: ExperimentConfig) -> tuple[int, ...]:

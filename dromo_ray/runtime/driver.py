@@ -204,7 +204,7 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     learner = A.remote(A.Learner, num_cpus=rt.learner_cpus, num_gpus=learner_gpus,
                        resources=rt.learner_resources).remote(cfg, env_key, dataset_ref, replay, stage["behavior"],
                                                               density_state, learner_gpus,
-                                                              dyn_ref if cfg.agent.needs_dynamics() else None)
+                                                              dyn_ref if A.learner_needs_dynamics(cfg) else None)
     if ckpt is not None:
         ray.get([learner.load_state_dict.remote(ckpt["learner"]), replay.load_state_dict.remote(ckpt["replay"])])
     policies = ray.get(learner.policy_states.remote())
@@ -214,7 +214,8 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
     # constructor argument of a restartable actor lives in the object store; the driver holds the refs for the
     # whole run, so a restarted worker finds them.
     worker_inputs = {"dynamics": dyn_ref, "dataset": dataset_ref, "policy": ray.put(policies["target"])}
-    workers = [Worker.remote(i, cfg, env_key, worker_inputs, replay) for i in range(rt.num_rollout_workers)]
+    workers = [Worker.remote(i, cfg, env_key, worker_inputs, replay) for i in range(rt.num_rollout_workers)
+               if cfg.rollout.mode == "workers"]  # rollout.mode learner: the learner rolls out itself
     Eval = A.remote(A.Evaluator, num_cpus=rt.evaluator_cpus)
     evaluators = [Eval.remote(env_key, cfg.agent.hidden_dims, cfg.train.max_episode_steps)
                   for _ in range(rt.num_evaluators)]
@@ -279,7 +280,7 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
                         for w, k in zip(workers, starts_per_publish, strict=True)]
 
     try:
-        if not rt.synchronous:
+        if workers and not rt.synchronous:
             # Fill D_model with one full round (K start states) before the first update.
             initial = [w.rollout.remote(k) for w, k in zip(workers, per_worker, strict=True)]
             for batch, _ in ray.get(initial):
@@ -288,7 +289,7 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
         bar = _progress(total, step, progress)
         boundaries = (cfg.train.log_interval, cfg.train.eval_interval, cfg.train.checkpoint_interval)
         while step < total:
-            if rt.synchronous and step % cfg.rollout.interval == 0:
+            if workers and rt.synchronous and step % cfg.rollout.interval == 0:
                 sync_round()
             horizon = min(_next_multiple(step, b) for b in boundaries)
             horizon = min(horizon, total, _next_multiple(step, cfg.rollout.interval) if rt.synchronous else total)
@@ -298,12 +299,13 @@ def run_experiment(cfg: ExperimentConfig, dataset: Any, run_dir: str | Path, *,
             out = ray.get(learner.train.remote(n))
             step = int(out["step"])
             bar.update(n)
-            if not rt.synchronous and step % rt.weight_sync_interval == 0:
+            if workers and not rt.synchronous and step % rt.weight_sync_interval == 0:
                 publish(ray.get(learner.policy_states.remote())["target"], rounds_per_publish)
             if step % cfg.train.log_interval == 0 or step == total:
                 m = dict(out["metrics"])
                 m["perf/wall_s"] = time.perf_counter() - t_start
-                m.update(ray.get(replay.stats.remote()))
+                if workers:  # (learner-side rollouts report their own D_model's replay/ figures)
+                    m.update(ray.get(replay.stats.remote()))
                 reporter(m, step)
             if evaluators and (step % cfg.train.eval_interval == 0 or step == total):
                 policy = ray.put(ray.get(learner.policy_states.remote())["current"])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dromo_ray.core import losses as L
-from dromo_ray.core.agents.sac import SACLosses, adam
+from dromo_ray.core.agents.sac import SACLosses, adam, portable_opt_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ class DualPenalty:
         return {"reward_penalty": lam * u, "uncertainty": u, "mopo_lambda": lam, "mopo_lambda_loss": loss.detach()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_lambda": self.log_lambda.detach(), "opt": self.opt.state_dict()}
+        return {"log_lambda": self.log_lambda.detach(), "opt": portable_opt_state(self.opt)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:

@@ -168,6 +168,18 @@ def cosine_lr(base_lr: float, step: int, total: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def portable_opt_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` as an eager optimizer has it: a tensor lr (the captured update's) as a float and
+    ``capturable`` off, so that a checkpoint is the same whichever update mode wrote it."""
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        if torch.is_tensor(group.get("lr")):
+            group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return state
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """No weight gradients for ``module`` inside (its inputs still get theirs): the actor step backpropagates
@@ -252,6 +264,33 @@ class SACAgent:
     def update(self, batch: MixedBatch, sync_metrics: bool = True) -> Metrics:
         """One step of Algorithm 1, lines 5-7, on a d_f batch; returns ``train/...`` metrics (detached 0-dim
         tensors without a host sync when ``sync_metrics`` is False)."""
+        self.set_actor_lr(self.actor_lr())
+        record = self.update_record(batch)
+        self.step += 1
+        return to_metrics(record, sync_metrics)
+
+    def set_actor_lr(self, lr: float) -> None:
+        """Install the actor's learning rate for the next update (only a cosine schedule changes it). A tensor lr
+        (the captured update's, :mod:`dromo_ray.core.agents.captured`) is written in place."""
+        if not self.actor_lr_steps:
+            return
+        for group in self.actor_opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer an update steps: actor, critic, temperature and the penalty's dual variable."""
+        opts = [self.actor_opt, self.critic_opt, self.ent_opt, getattr(self.penalty, "opt", None)]
+        return [o for o in opts if o is not None]
+
+    def update_record(self, batch: MixedBatch) -> SACLosses:
+        """The device work of one update (everything but the step counter and the lr schedule): the critic, actor,
+        temperature, dual and Polyak steps on ``batch``; returns the loss record (detached tensors).
+
+        No host syncs and no data-dependent shapes given a batch of fixed shapes, so the captured update
+        (``agents/captured.py``) records it once as a CUDA graph and replays it."""
         real, model = batch.real, batch.model
         n_real, n_model = real.obs.shape[0], model.obs.shape[0]
         gen = self.generator
@@ -264,10 +303,6 @@ class SACAgent:
         assert obs.shape[1] == self.obs_dim and act.shape[1] == self.act_dim and rew.dim() == 1, (
             f"batch: obs (B, {self.obs_dim}), act (B, {self.act_dim}), rew (B,) expected")
         ent_coef = self.log_ent_coef.detach().exp()
-        if self.actor_lr_steps:
-            lr = self.actor_lr()
-            for group in self.actor_opt.param_groups:
-                group["lr"] = lr
 
         # π_θ at s (kept with its graph: the actor step reuses it, the actor has not changed by then) and at s'.
         pi = PolicyDist(*self.actor.dist_params(obs))
@@ -324,17 +359,15 @@ class SACAgent:
         # Target critics and target policy (Alg. 1 line 7): x' <- τ x + (1 - τ) x'.
         polyak_update(self.target_critic, self.critic, self.tau)
         polyak_update(self.target_actor, self.actor, self.tau)
-        self.step += 1
 
         q_det = q.detach()
         zero = q_det.new_zeros(())
-        record = self.losses_cls(
+        return self.losses_cls(
             critic_loss=critic_loss.detach(), bellman=bellman.detach(), actor_loss=actor_loss.detach(),
             entropy_coef=ent_coef, entropy=-logp_pi.detach().mean(),
             q_data=q_det[:, :n_real].mean() if n_real else zero,
             q_model=q_det[:, n_real:].mean() if n_model else zero,
             **{k: v.detach() for k, v in terms.items()}, **term_metrics, **extra_metrics, **target_metrics)
-        return to_metrics(record, sync_metrics)
 
     @torch.no_grad()
     def bellman_target(self, rew: torch.Tensor, done: torch.Tensor, next_obs: torch.Tensor, pi_next: PolicyDist,
@@ -393,10 +426,10 @@ class SACAgent:
             "critic": self.critic.state_dict(),
             "target_actor": self.target_actor.state_dict(),
             "target_critic": self.target_critic.state_dict(),
-            "actor_opt": self.actor_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
+            "actor_opt": portable_opt_state(self.actor_opt),
+            "critic_opt": portable_opt_state(self.critic_opt),
             "log_ent_coef": self.log_ent_coef,
-            "ent_opt": self.ent_opt.state_dict() if self.ent_opt is not None else None,
+            "ent_opt": portable_opt_state(self.ent_opt) if self.ent_opt is not None else None,
             "generator": self.generator.get_state(),
             "act_generator": self.act_generator.get_state(),
             "terms": self.terms.state_dict() if self.terms is not None else {},
@@ -427,6 +460,9 @@ class SACAgent:
             self.penalty.load_state_dict(state.get("penalty", {}))
         if self.target_penalty is not None:
             self.target_penalty.load_state_dict(state.get("target_penalty", {}))
+        for opt in self.optimizers():  # a checkpoint of a captured run loads into eager optimizers
+            for group in opt.param_groups:
+                group["capturable"] = False
         self.step = int(state["step"])
         if self.actor_lr_steps and state.get("actor_lr_steps"):
             self.actor_lr_steps = int(state["actor_lr_steps"])  # the run's T, even if the config says otherwise
