@@ -56,44 +56,43 @@ def _initial_dynamics(cfg: Any, dataset: Any) -> dict[str, torch.Tensor]:
 
 def run(args: argparse.Namespace) -> int:
     from dromo_ray.core.threads import set_torch_threads
-    from dromo_ray.runtime import actors as A
-    from dromo_ray.runtime.driver import build_density_state
+    from dromo_ray.runtime.resources import ray_session
 
     check_at_least("--steps", args.steps, 1)
     set_torch_threads(1)
     algo = getattr(args, "algo", "dromo")
     cfg, dataset = _setup(algo, args.steps)
-    from dromo_ray.runtime.cluster import start_ray
-
-    started = start_ray()
-    try:
-        result = _measure(cfg, dataset, args.steps, A, build_density_state)
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_session():
+        result = _measure(cfg, dataset, args.steps)
     emit(result, args.json, f"bench pipeline ({algo}, batch 256, K={cfg.rollout.batch_size}, H={cfg.rollout.horizon})")
     return 0
 
 
-def _measure(cfg: Any, dataset: Any, steps: int, A: Any, build_density_state: Any) -> dict[str, Any]:
+def _measure(cfg: Any, dataset: Any, steps: int) -> dict[str, Any]:
     from dromo_ray.core.nets import TanhGaussianActor
+    from dromo_ray.runtime.actors import LearnerActor, ReplayActor, RolloutActor, behavior_hidden
+    from dromo_ray.runtime.pipeline import build_density_state
+    from dromo_ray.runtime.resources import RoleResources
 
     spec_obs, spec_act = dataset.observations.shape[1], dataset.actions.shape[1]
     data_ref = ray.put(dataset)
     dyn_ref = ray.put(_initial_dynamics(cfg, dataset))
     behavior = None
     if cfg.agent.needs_behavior_policy():
-        behavior = TanhGaussianActor(spec_obs, spec_act, A._behavior_hidden(cfg)).state_dict()
+        behavior = TanhGaussianActor(spec_obs, spec_act, behavior_hidden(cfg.agent)).state_dict()
     rt = cfg.runtime
-    replay = A.remote(A.ReplayServer, num_cpus=0.01).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
-    learner = A.remote(A.Learner, num_cpus=rt.learner_cpus).remote(
+    roles = RoleResources.from_config(cfg, 0.0)  # the learner on CPU: the bench compares against itself
+    replay = roles.replay.actor_class(ReplayActor).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
+    learner = roles.learner.actor_class(LearnerActor).remote(
         cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), 0.0,
         dyn_ref if cfg.agent.needs_dynamics() else None)
     policy = ray.get(learner.policy_states.remote())["target"]
-    Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus)
+    rollout_class = roles.rollout.actor_class(RolloutActor)
     max_workers = rt.num_rollout_workers
     inputs = {"dynamics": dyn_ref, "dataset": data_ref, "policy": ray.put(policy)}
-    workers = [Worker.remote(i, cfg, "hopper", inputs, replay) for i in range(max_workers)]
+    workers = [rollout_class.remote(i, "hopper", inputs, replay, agent=cfg.agent, dynamics=cfg.dynamics,
+                                    rollout=cfg.rollout, seed=cfg.seed, torch_threads=rt.torch_threads)
+               for i in range(max_workers)]
     out: dict[str, Any] = {"learner_device": ray.get(learner.device_name.remote())}
 
     # 3. rollout throughput against the number of workers (also fills D_model for 1. and 2.)

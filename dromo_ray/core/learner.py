@@ -53,7 +53,7 @@ def split_batch_size(batch_size: int, f: float) -> tuple[int, int]:
     return n_real, batch_size - n_real
 
 
-class LearnerCore:
+class Learner:
     """Runs ``agent.update`` on d_f batches. ``fetch_model_chunk(num_batches, batch_size) -> NumpyBatch``
     supplies model rows (from the replay actor in the runtime, from a local buffer in tests)."""
 
