@@ -13,9 +13,9 @@ from dromo_ray.cli import main
 from dromo_ray.core.types import NumpyBatch
 from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
 from dromo_ray.data.dataset import STD_FLOOR, OfflineDataset, d4rl_filenames, load_dataset
-from dromo_ray.errors import DatasetError
 from dromo_ray.data.gym_env import collect_transitions, make_env
 from dromo_ray.data.info import dataset_info
+from dromo_ray.errors import DatasetError
 
 ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts",
           "episode_starts")
