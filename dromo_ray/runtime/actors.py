@@ -1,9 +1,9 @@
 """Ray actors: each a thin shell around one core object (STYLE.md principles 2 and 11).
 
-The classes are plain Python with a role suffix (``LearnerActor`` wraps the core ``Learner``); Ray makes one
-an actor at the edge, with the resources of its role (:meth:`dromo_ray.runtime.resources.ActorOptions.actor_class`).
-Each receives the config slices it reads, except :class:`LearnerActor` (see there). Nothing here imports MLflow
-or Tune.
+The classes are plain Python with a role suffix (``LearnerActor`` wraps the core ``Learner``), made remote only
+where :mod:`dromo_ray.runtime.pipeline` builds them, with the resources of their role
+(:meth:`dromo_ray.runtime.resources.ActorOptions.actor_class`); tests build them without Ray. Each receives the
+config slices it reads, except :class:`LearnerActor` (see there). Nothing here imports MLflow or Tune.
 """
 
 from __future__ import annotations
