@@ -1,19 +1,21 @@
-"""``dromo-ray train`` and ``dromo-ray evaluate``: config -> Ray runtime -> MLflow (edge layer)."""
+"""One tracked run (config -> Ray runtime -> MLflow) and the evaluation of a checkpoint (edge layer).
+
+:func:`train` and :func:`evaluate_checkpoint` are what ``dromo-ray train`` and ``dromo-ray evaluate`` call
+(:mod:`dromo_ray.cli.train` prints their results and turns failures into exit codes).
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dromo_ray.config import dump_config, load_config
+from dromo_ray.config import dump_config
 from dromo_ray.core.config import ExperimentConfig
-from dromo_ray.errors import ConfigError
+from dromo_ray.errors import ConfigError, UserError
 from dromo_ray.tracking import (
     MlflowTracker,
     check_tracking_store,
@@ -22,6 +24,9 @@ from dromo_ray.tracking import (
     resolve_tracking_uri,
     run_tags,
 )
+
+if TYPE_CHECKING:
+    from dromo_ray.runtime.loop import Reporter
 
 
 @dataclass
@@ -71,8 +76,7 @@ def plan_resume(cfg: ExperimentConfig, resume: str | Path, run_dir: str | Path |
     and the checkpoint must lie in it, as ``RUN/checkpoints/step_N/state.pt`` beside ``RUN/mlflow_run_id``:
     a checkpoint anywhere else never makes its surroundings a run directory.
     """
-    from dromo_ray.runtime.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from dromo_ray.runtime.driver import check_compatible
+    from dromo_ray.runtime.checkpoint import CheckpointError, check_compatible, load_checkpoint, resolve_checkpoint
 
     if cfg.agent.algorithm == "cql_rllib":
         raise ConfigError("cql_rllib: --resume is not supported (RLlib's CQL run restarts from scratch)")
@@ -127,19 +131,18 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str | None = None,
-          progress: bool = True, extra_reporter: Any = None, parent_run_id: str | None = None,
+def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str | Path | None = None,
+          progress: bool = True, extra_reporter: Reporter | None = None, parent_run_id: str | None = None,
           run_dir: str | Path | None = None, mlflow_run_id: str | None = None) -> TrainSummary:
     """One tracked run. ``extra_reporter`` (e.g. Tune's) receives every report after MLflow.
 
     Everything that can reject the command (dataset, tracking store, checkpoint, its compatibility, the
     cluster's resources) is checked before the first write; a rejected command changes nothing.
     """
-    import ray
-
     from dromo_ray.data.load import load_dataset
-    from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
+    from dromo_ray.runtime.cluster import Cluster, check_run_fits
     from dromo_ray.runtime.driver import RunFailed, run_experiment
+    from dromo_ray.runtime.resources import ray_session
 
     dataset = load_dataset(cfg.data.dataset, cfg.data.env or None,
                            allow_unbounded_actions=cfg.data.allow_unbounded_actions)
@@ -158,8 +161,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
     resumed_from = int(plan.checkpoint["driver"]["step"]) if plan is not None else 0
     _check_creatable(run_dir, "out_dir")
 
-    started_ray = start_ray()
-    try:
+    with ray_session() as started_ray:
         # Every standalone run checks that the cluster can hold it, also when Ray was already up in this process
         # (else the actors wait forever); inside a Tune trial (extra_reporter) the sweep checked its placement group.
         if started_ray or extra_reporter is None:
@@ -206,9 +208,6 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
             if killed and last is not None:
                 e.resume_hint = f"checkpoint {last} kept; continue with --resume {run_dir}"  # type: ignore[attr-defined]
             raise
-    finally:
-        if started_ray and ray.is_initialized():
-            ray.shutdown()
 
     tracker.set_tags({"learner_device": str(info.get("learner_device", "cpu")),
                       "learner_gpus": str(info.get("learner_gpus", 0))})
@@ -233,63 +232,28 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
     )
 
 
-def print_summary(summary: TrainSummary, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary.to_dict(), indent=2))
-        return
-    session = summary.steps - summary.resumed_from
-    done = (f"{summary.steps} updates in {summary.wall_s:.1f}s" if not summary.resumed_from else
-            f"{summary.steps} updates ({session} in this session, resumed at step {summary.resumed_from}, "
-            f"{summary.wall_s:.1f}s)")
-    print(f"done: {summary.algorithm} on {summary.dataset}: {done} on {summary.learner_device}")
-    print(f"  final normalized score (mean of last evaluations): {summary.final_normalized_score:.2f}"
-          f"  (return {summary.final_return:.1f}, {summary.num_evaluations} evaluations)")
-    print(f"  checkpoint:    {summary.checkpoint}")
-    print(f"  mlflow run id: {summary.mlflow_run_id}")
-    print(f"  tracking uri:  {summary.tracking_uri}")
+def evaluate_checkpoint(path: str | Path, episodes: int = 10, seed: int = 12345) -> dict[str, Any]:
+    """The current policy of the checkpoint at ``path`` (anything ``--resume`` accepts that holds one), acting
+    deterministically for ``episodes`` (>= 1) episodes in the real environment from ``seed``.
 
-
-def run(args: argparse.Namespace) -> int:
-    from dromo_ray.core.threads import set_torch_threads
-    from dromo_ray.runtime.driver import RunFailed
-
-    set_torch_threads(1)
-    cfg = load_config(args.config, args.overrides)
-    try:
-        summary = train(cfg, tracking_uri=args.tracking_uri, resume=args.resume, progress=not args.json)
-    except RunFailed as e:
-        print(f"dromo-ray train: run failed: {e}", flush=True)
-        return 1
-    print_summary(summary, args.json)
-    return 0
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
+    Returns ``{"env", "episodes", "return_mean", "return_std", "normalized_score", "episode_length_mean"}``;
+    raises CheckpointError when ``path`` holds no readable policy.
+    """
     import numpy as np
     import torch
 
-    from dromo_ray.core.threads import set_torch_threads
     from dromo_ray.data.gym_env import evaluate_policy
-    from dromo_ray.runtime.driver import load_policy_from_checkpoint
+    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
 
-    if args.episodes < 1:
-        from dromo_ray.errors import UserError
-
-        raise UserError(f"--episodes: expected a positive integer, got {args.episodes}")
-    set_torch_threads(1)
-    actor, env_key, _ = load_policy_from_checkpoint(args.checkpoint)
+    if episodes < 1:
+        raise UserError(f"episodes: expected a positive integer, got {episodes}")
+    actor, env_key, _ = load_policy_from_checkpoint(path)
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
         return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
 
-    res = evaluate_policy(act, env_key, episodes=args.episodes, seed=args.seed)
-    out = {"env": env_key, "episodes": args.episodes, "return_mean": float(res.mean_return),
-           "return_std": float(np.std(res.returns)), "normalized_score": float(res.mean_normalized),
-           "episode_length_mean": float(np.mean(res.lengths))}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{env_key}: return {out['return_mean']:.1f} ± {out['return_std']:.1f} over {args.episodes} episodes, "
-              f"normalized score {out['normalized_score']:.2f}")
-    return 0
+    res = evaluate_policy(act, env_key, episodes=episodes, seed=seed)
+    return {"env": env_key, "episodes": episodes, "return_mean": float(res.mean_return),
+            "return_std": float(np.std(res.returns)), "normalized_score": float(res.mean_normalized),
+            "episode_length_mean": float(np.mean(res.lengths))}

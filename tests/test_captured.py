@@ -15,12 +15,13 @@ from test_agents import ACT, OBS, TINY, VARIANTS, build, tiny_ensemble
 
 from dromo_ray.core.agents.captured import CapturedUpdate, resolve_update_mode
 from dromo_ray.core.buffer import DeviceReplayBuffer, ReplayBuffer
-from dromo_ray.core.config import AgentConfig, ConfigError, RolloutConfig
+from dromo_ray.core.config import AgentConfig, RolloutConfig
 from dromo_ray.core.learner import DatasetSampler, LearnerCore
 from dromo_ray.core.model_env import ModelEnv
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.rollout import LearnerRollouts, rollout, rollout_batch
 from dromo_ray.core.types import Batch, NumpyBatch
+from dromo_ray.errors import ConfigError
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

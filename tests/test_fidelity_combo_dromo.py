@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from dromo_ray.config import load_config
-from dromo_ray.core import losses as L
+from dromo_ray.core import losses
 from dromo_ray.core.agents import make_agent, restore_agent
 from dromo_ray.core.agents.dromo import DromoTerms
 from dromo_ray.core.agents.fused import twin_q
@@ -61,8 +61,8 @@ def test_preset_beta_has_the_published_ratio_of_conservative_to_bellman_gradient
     y = torch.randn(5)
     for name, beta in betas.items():
         q, q_rho = x_data @ w, x_rho @ w
-        ours_b = L.bellman_error(q, y).sum()
-        ours_c = L.conservative_logsumexp(q_rho, log_prop, q[:, :3], beta).sum()
+        ours_b = losses.bellman_error(q, y).sum()
+        ours_c = losses.conservative_logsumexp(q_rho, log_prop, q[:, :3], beta).sum()
         # the reference, written out: per critic mean (q - y)² + β_pub (E_s logsumexp(q_k - log q_k) - E_D q)
         ref_b = ((q - y) ** 2).mean(-1).sum()
         ref_c = (beta_pub * (torch.logsumexp(q_rho - log_prop, -1).mean(-1) - q[:, :3].mean(-1))).sum()
@@ -108,7 +108,8 @@ def test_deterministic_backup_target_is_reward_plus_discounted_min_target_q(dete
 def test_deterministic_backup_helper_matches_hand_computation():
     rew, done = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
     next_q = torch.tensor([[3.0, 5.0], [4.0, 1.0]])
-    assert torch.equal(L.deterministic_bellman_target(rew, done, next_q, 0.5), torch.tensor([1.0 + 0.5 * 3.0, 2.0]))
+    assert torch.equal(losses.deterministic_bellman_target(rew, done, next_q, 0.5),
+                       torch.tensor([1.0 + 0.5 * 3.0, 2.0]))
 
 
 @pytest.mark.parametrize("form", ["logsumexp", "expectation"])
@@ -244,7 +245,7 @@ def _critic_gradients(agent, batch: MixedBatch) -> tuple[float, float, float]:
         plan = agent.terms.plan(UpdateInputs(b.obs, b.next_obs, n_real, pi, pi_next, agent.generator))
     params = list(agent.critic.parameters())
     q = twin_q(agent.critic, b.obs, b.act)
-    bell = L.bellman_error(q, y).sum()
+    bell = losses.bellman_error(q, y).sum()
     var = agent.terms.losses(q, twin_q(agent.critic, plan.obs, plan.act), plan, n_real)["variance_penalty"].sum()
     gb = torch.cat([g.flatten() for g in torch.autograd.grad(bell, params, retain_graph=True)])
     gv = torch.cat([g.flatten() for g in torch.autograd.grad(var, params)])
@@ -312,7 +313,7 @@ def test_strict_variant_is_labelled_an_ablation():
     cfg_src = Path(config_mod.__file__).read_text()
     i = cfg_src.index("variance_form: str")
     assert "ABLATION" in cfg_src[i:i + 600]  # the field's docstring
-    assert "ABLATION" in L.strict_variance_penalty.__doc__
+    assert "ABLATION" in losses.strict_variance_penalty.__doc__
     assert "ablation" in agents_pkg.__doc__  # the table of variants
 
 

@@ -177,7 +177,7 @@ def test_entropy_penalty_and_delta_from_data_on_trained_hopper(hopper):
 
 
 def test_driver_fills_entropy_reference_from_trained_ensemble(hopper):
-    from dromo_ray.runtime.driver import with_entropy_reference
+    from dromo_ray.runtime.pipeline import with_entropy_reference
 
     model, ds = hopper
     cfg = config_from_dict({"data": {"dataset": "x"}, "agent": {"algorithm": "mopo_auto"},
@@ -270,14 +270,15 @@ def test_max_aleatoric_runs_over_all_members_not_only_elites():
 
 @pytest.mark.parametrize("algorithm, all_members", [("mopo", True), ("dromo", False), ("mbpo", False)])
 def test_rollout_worker_uses_all_members_for_mopo(algorithm, all_members):
-    from dromo_ray.runtime.actors import RolloutWorker
+    from dromo_ray.runtime.actors import RolloutActor
 
     cfg = config_from_dict({"data": {"dataset": "x"}, "agent": {"algorithm": algorithm, "hidden_dims": [8]},
                             "dynamics": {"ensemble_size": 3, "num_elites": 2, "hidden_dims": [8]}})
     model = EnsembleDynamics(11, 3, cfg.dynamics, generator=torch.Generator().manual_seed(0))
     actor = TanhGaussianActor(11, 3, (8,))
-    w = RolloutWorker(0, cfg, "hopper", {"dynamics": model.state_dict(), "policy": actor.state_dict(),
-                                         "dataset": SimpleNamespace(observations=np.zeros((4, 11)))})
+    w = RolloutActor(0, "hopper", {"dynamics": model.state_dict(), "policy": actor.state_dict(),
+                                   "dataset": SimpleNamespace(observations=np.zeros((4, 11)))},
+                     agent=cfg.agent, dynamics=cfg.dynamics, rollout=cfg.rollout, seed=cfg.seed)
     assert w.model_env.all_members is all_members and w.model_env.penalty == "max_aleatoric"
     import ray
 

@@ -25,7 +25,8 @@ def test_core_imports_no_ray_mlflow_yaml():
 
 def test_runtime_imports_no_mlflow_or_tune():
     code = (
-        "import sys, dromo_ray.runtime.driver, dromo_ray.runtime.actors; "
+        "import sys, dromo_ray.runtime.driver, dromo_ray.runtime.actors, dromo_ray.runtime.loop, "
+        "dromo_ray.runtime.pipeline, dromo_ray.runtime.resources, dromo_ray.runtime.cluster; "
         "print(any(m == 'mlflow' or m.startswith('mlflow.') for m in sys.modules)); "
         "print(any(m.startswith('ray.tune') for m in sys.modules))"
     )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dromo_ray.core import losses as L
+from dromo_ray.core import losses
 from dromo_ray.core.agents.dromo import DromoTerms
 from dromo_ray.core.agents.sac import PolicyDist, UpdateInputs
 from dromo_ray.core.density import ConstantDensity
@@ -19,7 +19,7 @@ def test_soft_bellman_target_uses_min_of_twins_and_entropy():
     done = torch.tensor([0.0, 1.0])
     next_q = torch.tensor([[3.0, 5.0], [4.0, 1.0]])  # (E=2, B=2)
     logp = torch.tensor([-1.0, 0.5])
-    y = L.soft_bellman_target(rew, done, next_q, logp, gamma=0.9, ent_coef=0.2)
+    y = losses.soft_bellman_target(rew, done, next_q, logp, gamma=0.9, ent_coef=0.2)
     # row 0: 1 + 0.9 * (min(3, 4) - 0.2 * -1) ; row 1 is terminal
     assert torch.allclose(y, torch.tensor([1.0 + 0.9 * (3.0 + 0.2), 2.0]))
 
@@ -27,7 +27,7 @@ def test_soft_bellman_target_uses_min_of_twins_and_entropy():
 def test_bellman_error_is_half_mean_square_per_critic():
     q = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     y = torch.tensor([1.0, 1.0, 1.0])
-    assert torch.allclose(L.bellman_error(q, y), torch.tensor([0.5 * (0 + 1 + 4) / 3, 0.5 * 3 / 3]))
+    assert torch.allclose(losses.bellman_error(q, y), torch.tensor([0.5 * (0 + 1 + 4) / 3, 0.5 * 3 / 3]))
 
 
 def test_action_variance_penalty_matches_hand_computation():
@@ -35,14 +35,14 @@ def test_action_variance_penalty_matches_hand_computation():
     var = [1.0, 3.0]  # unbiased: ((1-2)^2 + 0 + (3-2)^2) / 2 ; ((-1)^2 + (-1)^2 + 2^2) / 2
     n, alpha = 100.0, 0.7
     expected = alpha * (math.sqrt(var[0] / n) + math.sqrt(var[1] / n)) / 2
-    out = L.action_variance_penalty(q, torch.full((2,), n), alpha, eps=0.0)
+    out = losses.action_variance_penalty(q, torch.full((2,), n), alpha, eps=0.0)
     assert out.shape == (1,) and out.item() == pytest.approx(expected, rel=1e-6)
     # the default ε only moves the value by at most α sqrt(ε)
-    out_eps = L.action_variance_penalty(q, torch.full((2,), n), alpha)
-    assert out_eps.item() == pytest.approx(expected, abs=alpha * math.sqrt(L.VARIANCE_EPS))
+    out_eps = losses.action_variance_penalty(q, torch.full((2,), n), alpha)
+    assert out_eps.item() == pytest.approx(expected, abs=alpha * math.sqrt(losses.VARIANCE_EPS))
     # per-state counts |D(s)| divide per state
     counts = torch.tensor([1.0, 4.0])
-    out_c = L.action_variance_penalty(q, counts, 1.0, eps=0.0)
+    out_c = losses.action_variance_penalty(q, counts, 1.0, eps=0.0)
     assert out_c.item() == pytest.approx((math.sqrt(1.0) + math.sqrt(3.0 / 4.0)) / 2, rel=1e-6)
 
 
@@ -51,10 +51,10 @@ def test_action_variance_penalty_is_zero_with_finite_gradient_for_identical_acti
     obs = torch.randn(4, 1, 3).expand(4, 5, 3)
     act = torch.full((4, 5, 2), 0.3)  # M = 5 identical actions per state
     q = critic(obs, act)  # (2, 4, 5)
-    pen = L.action_variance_penalty(q, torch.full((4,), 10.0), alpha=1.0)
+    pen = losses.action_variance_penalty(q, torch.full((4,), 10.0), alpha=1.0)
     # identical rows can differ in the last bit through a blocked matmul; exactly 0 for exactly equal Q
     assert torch.allclose(pen, torch.zeros(2), atol=1e-6)
-    assert torch.equal(L.action_variance_penalty(q[..., :1].expand_as(q), torch.full((4,), 10.0), 1.0),
+    assert torch.equal(losses.action_variance_penalty(q[..., :1].expand_as(q), torch.full((4,), 10.0), 1.0),
                        torch.zeros(2))
     pen.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in critic.parameters())
@@ -106,7 +106,7 @@ def test_pi_f_mixes_behaviour_and_policy_with_weight_f():
 def test_strict_variance_penalty_eq17():
     q = torch.tensor([[1.0, 2.0, 3.0, 6.0], [1.0, 1.0, 1.0, 1.0]])
     var0 = torch.tensor([1.0, 2.0, 3.0, 6.0]).var().item()  # unbiased across the batch
-    out = L.strict_variance_penalty(q, alpha=2.0, eps=0.0)
+    out = losses.strict_variance_penalty(q, alpha=2.0, eps=0.0)
     assert out[0].item() == pytest.approx(2.0 * math.sqrt(var0 / 4), rel=1e-6)
     assert out[1].item() == 0.0
 
@@ -114,7 +114,7 @@ def test_strict_variance_penalty_eq17():
 def test_conservative_expectation_value_and_gradient_direction():
     q_rho = torch.tensor([[1.0, 3.0]], requires_grad=True)
     q_data = torch.tensor([[0.5, 0.5, 2.0]], requires_grad=True)
-    out = L.conservative_expectation(q_rho, q_data, beta=2.0)
+    out = losses.conservative_expectation(q_rho, q_data, beta=2.0)
     assert out.item() == pytest.approx(2.0 * (2.0 - 1.0))
     out.sum().backward()
     # gradient descent lowers Q on ρ rows and raises it on D rows
@@ -131,7 +131,7 @@ def test_conservative_term_expands_the_gap_between_data_and_rho_through_a_critic
     with torch.no_grad():
         gap_before = critic(s_d, a_d).mean() - critic(s_rho, a_rho).mean()
     for _ in range(5):
-        loss = L.conservative_expectation(critic(s_rho, a_rho), critic(s_d, a_d), beta=1.0).sum()
+        loss = losses.conservative_expectation(critic(s_rho, a_rho), critic(s_d, a_d), beta=1.0).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -145,7 +145,7 @@ def test_conservative_logsumexp_matches_manual_computation():
     q_rho = torch.randn(e, b_rho, k, requires_grad=True)
     log_q = torch.randn(b_rho, k)
     q_data = torch.randn(e, b_d, requires_grad=True)
-    out = L.conservative_logsumexp(q_rho, log_q, q_data, beta=0.5)
+    out = losses.conservative_logsumexp(q_rho, log_q, q_data, beta=0.5)
     for j in range(e):
         soft = []
         for i in range(b_rho):
@@ -160,17 +160,17 @@ def test_conservative_logsumexp_matches_manual_computation():
 def test_sac_actor_loss_and_temperature_loss():
     q_pi = torch.tensor([[1.0, 4.0], [2.0, 3.0]])
     logp = torch.tensor([-1.0, 0.0])
-    assert L.sac_actor_loss(q_pi, logp, 0.5).item() == pytest.approx(((-0.5 - 1.0) + (0.0 - 3.0)) / 2)
+    assert losses.sac_actor_loss(q_pi, logp, 0.5).item() == pytest.approx(((-0.5 - 1.0) + (0.0 - 3.0)) / 2)
     log_c = torch.tensor(0.0, requires_grad=True)
     # entropy -E[log π] = 0.5 below the target H̄ = 2: the temperature must rise (negative gradient)
-    L.entropy_coef_loss(log_c, logp, target_entropy=2.0).backward()
+    losses.entropy_coef_loss(log_c, logp, target_entropy=2.0).backward()
     assert log_c.grad.item() < 0
 
 
 def test_mopo_reward_and_lambda_loss_sign():
-    assert torch.allclose(L.mopo_penalised_reward(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]), 2.0),
+    assert torch.allclose(losses.mopo_penalised_reward(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]), 2.0),
                           torch.tensor([0.0, 0.0]))
     for u, rises in ((2.0, True), (0.1, False)):
         log_lam = torch.tensor(0.0, requires_grad=True)
-        L.mopo_lambda_loss(log_lam, torch.full((4,), u), target=1.0).backward()
+        losses.mopo_lambda_loss(log_lam, torch.full((4,), u), target=1.0).backward()
         assert (log_lam.grad.item() < 0) == rises  # descent raises λ iff E[u] > δ

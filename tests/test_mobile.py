@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dromo_ray.core import losses as L
+from dromo_ray.core import losses
 from dromo_ray.core.agents import make_agent, restore_agent
 from dromo_ray.core.agents.mobile import BellmanInconsistencyPenalty, bellman_inconsistency, ensemble_from_state
 from dromo_ray.core.config import AgentConfig, DynamicsConfig, config_from_dict
@@ -148,15 +148,15 @@ def test_bellman_inconsistency_shapes_and_errors():
 
 def _targets(monkeypatch, agent, b: MixedBatch) -> tuple[torch.Tensor, dict]:
     seen = []
-    real = L.bellman_error
+    real = losses.bellman_error
 
     def spy(q, target):
         seen.append(target.detach().clone())
         return real(q, target)
 
-    monkeypatch.setattr(L, "bellman_error", spy)
+    monkeypatch.setattr(losses, "bellman_error", spy)
     m = agent.update(b)
-    monkeypatch.setattr(L, "bellman_error", real)
+    monkeypatch.setattr(losses, "bellman_error", real)
     return seen[0], m
 
 
@@ -241,15 +241,16 @@ class _Data:
 
 
 def test_learner_hands_the_trained_ensemble_to_the_agent():
-    """runtime.actors.Learner (a plain class; Ray only wraps it) gives MOBILE's agent the driver's ensemble state."""
-    from dromo_ray.runtime.actors import Learner
+    """runtime.actors.LearnerActor (a plain class; Ray only wraps it) gives MOBILE's agent the driver's ensemble
+    state."""
+    from dromo_ray.runtime.actors import LearnerActor
 
     cfg = config_from_dict({"data": {"dataset": "x", "env": "hopper"}, "device": "cpu",
                             "dynamics": {"ensemble_size": 3, "num_elites": 2, "hidden_dims": [8]},
                             "agent": {"algorithm": "mobile", "hidden_dims": [16], "batch_size": 8}})
     dyn = EnsembleDynamics(11, 3, cfg.dynamics, generator=torch.Generator().manual_seed(0))
     dyn.set_elites([2, 1])
-    learner = Learner(cfg, "hopper", _Data(20), None, None, None, 0.0, dynamics_state=dyn.state_dict())
+    learner = LearnerActor(cfg, "hopper", _Data(20), None, None, None, 0.0, dynamics_state=dyn.state_dict())
     got = learner.agent.target_penalty.dynamics.state_dict()
     assert all(torch.equal(v, got[k]) for k, v in dyn.state_dict().items())
     assert learner.agent.target_penalty.dynamics.elite_idx.tolist() == [2, 1]

@@ -329,19 +329,20 @@ def test_job_on_three_node_cluster_survives_losing_a_rollout_node(cluster, tiny_
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             raise AssertionError(status + cluster.ray_cli("job", "logs", "--address", dash, job_id)[-4000:])
         acts = [a for a in cluster.actors() if a["state"] == "ALIVE"]
-        placed = {cls: [a["node_id"] for a in acts if a["class_name"] == cls] for cls in ("RolloutWorker", "Learner")}
-        if len(placed["RolloutWorker"]) == 2 and len(placed["Learner"]) == 1:
+        placed = {cls: [a["node_id"] for a in acts if a["class_name"] == cls]
+                  for cls in ("RolloutActor", "LearnerActor")}
+        if len(placed["RolloutActor"]) == 2 and len(placed["LearnerActor"]) == 1:
             break
         time.sleep(2)
-    assert len(placed["RolloutWorker"]) == 2 and len(placed["Learner"]) == 1, placed
+    assert len(placed["RolloutActor"]) == 2 and len(placed["LearnerActor"]) == 1, placed
     for n in cluster.nodes():
         node_res[n["node_id"]] = n.get("resources_total", {})
-    assert "learner_node" in node_res[placed["Learner"][0]]
-    assert all("rollout_node" in node_res[nid] for nid in placed["RolloutWorker"])
+    assert "learner_node" in node_res[placed["LearnerActor"][0]]
+    assert all("rollout_node" in node_res[nid] for nid in placed["RolloutActor"])
 
     # Remove a rollout node that hosts a worker, mid-run.
     victim = next(name for name in ("rollout_a", "rollout_b")
-                  if cluster.node_of_session(name) in placed["RolloutWorker"])
+                  if cluster.node_of_session(name) in placed["RolloutActor"])
     cluster.kill_session(cluster.sessions.pop(victim))
     killed_at = time.time()
 

@@ -44,40 +44,35 @@ def measure_rllib(env: str, steps: int, batch: int, warmup: int, fragment: int =
     import logging
     import os
 
-    import ray
-
     from dromo_ray.rllib.sac import BehaviorConfig, build_sac_config
+    from dromo_ray.runtime.resources import ray_session
 
     cfg = BehaviorConfig(env=env, steps=warmup + steps, learning_starts=warmup, batch_size=batch,
                          updates_every=fragment, checkpoint_every=fragment, progress=False).validate()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 num_cpus=max(1, min(2, os.cpu_count() or 1)))
-    algo = None
-    try:
-        sac = build_sac_config(cfg).reporting(min_sample_timesteps_per_iteration=fragment)
-        sac.num_steps_sampled_before_learning_starts = warmup
-        algo = sac.build_algo()
+    with ray_session(configure_logging=True, logging_level=logging.ERROR,
+                     num_cpus=max(1, min(2, os.cpu_count() or 1))):
+        algo = None
+        try:
+            sac = build_sac_config(cfg).reporting(min_sample_timesteps_per_iteration=fragment)
+            sac.num_steps_sampled_before_learning_starts = warmup
+            algo = sac.build_algo()
 
-        def sampled(result: dict[str, Any]) -> int:
-            return int((result.get("env_runners") or {}).get("num_env_steps_sampled_lifetime", 0))
+            def sampled(result: dict[str, Any]) -> int:
+                return int((result.get("env_runners") or {}).get("num_env_steps_sampled_lifetime", 0))
 
-        n0 = 0
-        while n0 < warmup + fragment:  # warm-up, plus one iteration with updates (first-call costs untimed)
-            n0 = sampled(algo.train())
-        t0 = time.perf_counter()
-        n = n0
-        iters = 0
-        while n - n0 < steps:
-            n = sampled(algo.train())
-            iters += 1
-        wall = time.perf_counter() - t0
-    finally:
-        if algo is not None:
-            algo.stop()
-        if started:
-            ray.shutdown()
+            n0 = 0
+            while n0 < warmup + fragment:  # warm-up, plus one iteration with updates (first-call costs untimed)
+                n0 = sampled(algo.train())
+            t0 = time.perf_counter()
+            n = n0
+            iters = 0
+            while n - n0 < steps:
+                n = sampled(algo.train())
+                iters += 1
+            wall = time.perf_counter() - t0
+        finally:
+            if algo is not None:
+                algo.stop()
     return {"env_steps_per_s": (n - n0) / wall, "updates_per_s": iters / wall, "timed_env_steps": n - n0,
             "fragment": fragment}
 

@@ -1,6 +1,6 @@
 """``dromo-ray bench learner``: learner updates/s (eager and captured), wait fraction, achieved GFLOP/s.
 
-Timed through the learner's own loop, ``LearnerCore.train``: each update draws its d_f batch (dataset rows on the
+Timed through the learner's own loop, ``Learner.train``: each update draws its d_f batch (dataset rows on the
 device, model rows from chunks of an in-process D_model) and runs the algorithm's update, eagerly or as one CUDA
 graph replay (``agent.update_mode: captured``, ``core/agents/captured.py``); one host sync per round.
 
@@ -32,7 +32,7 @@ from dromo_ray.core.buffer import ReplayBuffer
 from dromo_ray.core.config import AgentConfig, DynamicsConfig
 from dromo_ray.core.density import KDEDensity
 from dromo_ray.core.dynamics import EnsembleDynamics
-from dromo_ray.core.learner import DatasetSampler, LearnerCore
+from dromo_ray.core.learner import DatasetSampler, Learner
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.threads import set_torch_threads
 from dromo_ray.core.types import NumpyBatch
@@ -119,23 +119,23 @@ def synthetic_rows(n: int, rng: np.random.Generator, model: bool) -> NumpyBatch:
 
 
 def learner_core(algo: str, device: torch.device, *, batch: int = 256, hidden: tuple[int, ...] = (256, 256, 256),
-                 update_mode: str = "eager", rows: int = DATA_ROWS, chunk_batches: int = 64) -> tuple[LearnerCore, Any]:
+                 update_mode: str = "eager", rows: int = DATA_ROWS, chunk_batches: int = 64) -> tuple[Learner, Any]:
     """The learner of the bench: the agent at the reference sizes, ``rows`` synthetic dataset rows on ``device``
     and a D_model of ``rows`` synthetic rows in an in-process :class:`ReplayBuffer` (numpy, as the replay actor
-    holds it), served in chunks of ``chunk_batches`` batches; returns (LearnerCore, (cfg, behavior, dynamics))."""
+    holds it), served in chunks of ``chunk_batches`` batches; returns (Learner, (cfg, behavior, dynamics))."""
     gen = torch.Generator().manual_seed(0)
     agent, cfg, behavior, dynamics = _agent(algo, device, batch, hidden, update_mode, gen)
     rng = np.random.default_rng(0)
     sampler = DatasetSampler(synthetic_rows(rows, rng, model=False), device, seed=1)
     buf = ReplayBuffer(rows, OBS_DIM, ACT_DIM)
     buf.add(synthetic_rows(rows, rng, model=True))
-    core = LearnerCore(agent, sampler, batch, cfg.f, lambda k, b: buf.sample_chunk(k, b, rng),
+    core = Learner(agent, sampler, batch, cfg.f, lambda k, b: buf.sample_chunk(k, b, rng),
                        chunk_batches=chunk_batches, update_mode=update_mode)
     return core, (cfg, behavior, dynamics)
 
 
-def time_core(core: LearnerCore, device: torch.device, steps: int, warmup: int, rounds: int) -> dict[str, float]:
-    """Best of ``rounds`` × ``steps`` updates through ``LearnerCore.train`` (its one host sync ends each round)
+def time_core(core: Learner, device: torch.device, steps: int, warmup: int, rounds: int) -> dict[str, float]:
+    """Best of ``rounds`` × ``steps`` updates through ``Learner.train`` (its one host sync ends each round)
     after ``warmup`` updates (which include the capture); the learner's wait fraction over all rounds."""
     core.train(warmup)
     sync(device)
@@ -162,7 +162,7 @@ def measure_learner(*, algo: str = "dromo", device: str = "cpu", batch: int = 25
                     hidden: tuple[int, ...] = (256, 256, 256), warmup: int = 5, rounds: int = 3,
                     peak: bool = True) -> dict[str, Any]:
     """Learner updates/s of ``algo`` in each of ``update_modes`` (``eager``, ``captured``), through the learner's
-    own loop (``LearnerCore.train``: d_f batch assembly, model chunks, one host sync per round).
+    own loop (``Learner.train``: d_f batch assembly, model chunks, one host sync per round).
 
     Returns updates/s and the learner's wait fraction per mode (``eager_updates_per_s``, ...), the captured-vs-eager
     ratio, and for the device's default mode (``agent.update_mode: auto``: captured on CUDA, eager elsewhere, or

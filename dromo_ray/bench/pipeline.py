@@ -114,14 +114,11 @@ def measure_pipeline(*, algo: str = "dromo", steps: int = 300, device: str = "cp
             import ray
         except ImportError:
             raise UserError("bench pipeline: the workers rollout mode needs Ray (pip install ray)") from None
-        from dromo_ray.runtime.cluster import start_ray
+        from dromo_ray.runtime.resources import ray_session
 
-        started = start_ray()
-        try:
+        del ray  # (imported only to say clearly when it is missing)
+        with ray_session():
             result = _measure_workers_mode(cfg, dataset, steps, dev, warmup)
-        finally:
-            if started:
-                ray.shutdown()
     result.update({"rollout_mode": rollout_mode, "dataset": what, "algo": algo,
                    "learner_card": device_name(dev) if dev.type == "cuda" else "cpu"})
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
@@ -131,26 +128,36 @@ def _measure_workers_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     import ray
 
     from dromo_ray.core.nets import TanhGaussianActor
-    from dromo_ray.runtime import actors as A
-    from dromo_ray.runtime.driver import build_density_state
+    from dromo_ray.runtime.actors import (
+        LearnerActor,
+        ReplayActor,
+        RolloutActor,
+        behavior_hidden,
+        learner_needs_dynamics,
+    )
+    from dromo_ray.runtime.pipeline import build_density_state
+    from dromo_ray.runtime.resources import RoleResources
 
     spec_obs, spec_act = dataset.observations.shape[1], dataset.actions.shape[1]
     data_ref = ray.put(dataset)
     dyn_ref = ray.put(_initial_dynamics(cfg, dataset))
     behavior = None
     if cfg.agent.needs_behavior_policy():
-        behavior = TanhGaussianActor(spec_obs, spec_act, A._behavior_hidden(cfg)).state_dict()
+        behavior = TanhGaussianActor(spec_obs, spec_act, behavior_hidden(cfg.agent)).state_dict()
     rt = cfg.runtime
     gpus = 1.0 if dev.type == "cuda" else 0.0
-    replay = A.remote(A.ReplayServer, num_cpus=0.01).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
-    learner = A.remote(A.Learner, num_cpus=rt.learner_cpus, num_gpus=gpus).remote(
+    roles = RoleResources.from_config(cfg, gpus)
+    replay = roles.replay.actor_class(ReplayActor).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
+    learner = roles.learner.actor_class(LearnerActor).remote(
         cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), gpus,
-        dyn_ref if A.learner_needs_dynamics(cfg) else None)
+        dyn_ref if learner_needs_dynamics(cfg) else None)
     policy = ray.get(learner.policy_states.remote())["target"]
-    Worker = A.remote(A.RolloutWorker, num_cpus=rt.rollout_worker_cpus)
+    rollout_class = roles.rollout.actor_class(RolloutActor)
     max_workers = rt.num_rollout_workers
     inputs = {"dynamics": dyn_ref, "dataset": data_ref, "policy": ray.put(policy)}
-    workers = [Worker.remote(i, cfg, "hopper", inputs, replay) for i in range(max_workers)]
+    workers = [rollout_class.remote(i, "hopper", inputs, replay, agent=cfg.agent, dynamics=cfg.dynamics,
+                                    rollout=cfg.rollout, seed=cfg.seed, torch_threads=rt.torch_threads)
+               for i in range(max_workers)]
     out: dict[str, Any] = {"learner_device": ray.get(learner.device_name.remote())}
 
     # 3. rollout throughput against the number of workers (also fills D_model for 1. and 2.)
@@ -196,7 +203,7 @@ def _measure_learner_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     from dromo_ray.core.density import make_density
     from dromo_ray.core.dynamics import EnsembleDynamics
     from dromo_ray.core.envs import get_env_spec
-    from dromo_ray.core.learner import DatasetSampler, LearnerCore
+    from dromo_ray.core.learner import DatasetSampler, Learner
     from dromo_ray.core.model_env import model_env_for
     from dromo_ray.core.nets import TanhGaussianActor
     from dromo_ray.core.rollout import LearnerRollouts
@@ -217,7 +224,7 @@ def _measure_learner_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     rollouts = LearnerRollouts(model_env_for(cfg.agent, model, spec.termination_fn), agent.target_actor,
                                dataset.observations, horizon=ro.horizon, num_starts=ro.batch_size,
                                buffer_size=ro.model_buffer_size, device=dev, seed=cfg.seed * 1000 + 999)
-    core = LearnerCore(agent, DatasetSampler(_arrays(dataset), dev, seed=cfg.seed + 17), cfg.agent.batch_size,
+    core = Learner(agent, DatasetSampler(_arrays(dataset), dev, seed=cfg.seed + 17), cfg.agent.batch_size,
                        cfg.agent.f, None, chunk_batches=cfg.runtime.replay_chunk_batches,
                        update_mode=cfg.agent.update_mode, rollouts=rollouts, rollout_interval=ro.interval)
     core.train(warmup)  # warm-up: the first rollout round and the capture

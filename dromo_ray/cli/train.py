@@ -1,17 +1,67 @@
-"""``dromo-ray train`` and ``evaluate``."""
+"""``dromo-ray train`` and ``evaluate``: flags in, one summary out, failures as exit codes.
+
+``train``: a run that fails (an actor died, a loss became non-finite) prints one line and exits 1, naming the
+checkpoint to resume from; Ctrl-C / SIGTERM are handled by :mod:`dromo_ray.cli.main` (130 / 143, the run
+recorded as KILLED in MLflow and its checkpoint kept).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import TYPE_CHECKING
+
+from dromo_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from dromo_ray.train import TrainSummary
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dromo_ray.train import run
+    from dromo_ray.config import load_config
+    from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.runtime.driver import RunFailed
+    from dromo_ray.train import train
 
-    return run(args)
+    set_torch_threads(1)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train(cfg, tracking_uri=args.tracking_uri, resume=args.resume, progress=not args.json)
+    except RunFailed as e:
+        print(f"dromo-ray train: run failed: {e}", flush=True)
+        return 1
+    print_summary(summary, args.json)
+    return 0
+
+
+def print_summary(summary: TrainSummary, as_json: bool) -> None:
+    """The ``train`` result: a JSON object (``--json``) or five lines for a person."""
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    session = summary.steps - summary.resumed_from
+    done = (f"{summary.steps} updates in {summary.wall_s:.1f}s" if not summary.resumed_from else
+            f"{summary.steps} updates ({session} in this session, resumed at step {summary.resumed_from}, "
+            f"{summary.wall_s:.1f}s)")
+    print(f"done: {summary.algorithm} on {summary.dataset}: {done} on {summary.learner_device}")
+    print(f"  final normalized score (mean of last evaluations): {summary.final_normalized_score:.2f}"
+          f"  (return {summary.final_return:.1f}, {summary.num_evaluations} evaluations)")
+    print(f"  checkpoint:    {summary.checkpoint}")
+    print(f"  mlflow run id: {summary.mlflow_run_id}")
+    print(f"  tracking uri:  {summary.tracking_uri}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dromo_ray.train import run_evaluate
+    from dromo_ray.core.threads import set_torch_threads
+    from dromo_ray.train import evaluate_checkpoint
 
-    return run_evaluate(args)
+    if args.episodes < 1:
+        raise UserError(f"--episodes: expected a positive integer, got {args.episodes}")
+    set_torch_threads(1)
+    out = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['env']}: return {out['return_mean']:.1f} ± {out['return_std']:.1f} over {out['episodes']} "
+              f"episodes, normalized score {out['normalized_score']:.2f}")
+    return 0

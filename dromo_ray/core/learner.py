@@ -57,7 +57,7 @@ def split_batch_size(batch_size: int, f: float) -> tuple[int, int]:
     return n_real, batch_size - n_real
 
 
-class LearnerCore:
+class Learner:
     """Runs ``agent.update`` on d_f batches. ``fetch_model_chunk(num_batches, batch_size) -> NumpyBatch`` (or a
     torch :class:`Batch`) supplies model rows (from the replay actor in the runtime, from a local buffer in tests).
 
@@ -89,7 +89,7 @@ class LearnerCore:
         if rollouts is not None:
             fetch_model_chunk = rollouts.sample_chunk
         if fetch_model_chunk is None:
-            raise ValueError("LearnerCore: fetch_model_chunk or rollouts must supply model rows")
+            raise ValueError("Learner: fetch_model_chunk or rollouts must supply model rows")
         self.fetch_model_chunk = fetch_model_chunk
         self.chunk_batches = chunk_batches
         self.device = sampler.device

@@ -128,7 +128,7 @@ class LearnerRollouts:
     """Alg. 1 line 4 on the learner's device: every :meth:`round` rolls the target policy π_θ' (the agent's own
     ``target_actor``, so always the latest, with no weight copies) ``horizon`` steps from ``num_starts`` start
     states of D through the elite ensemble, and appends the transitions to a :class:`DeviceReplayBuffer`, which
-    :meth:`sample_chunk` serves to the learner (``LearnerCore(fetch_model_chunk=...)``).
+    :meth:`sample_chunk` serves to the learner (``Learner(fetch_model_chunk=...)``).
 
     ``model_env`` and ``actor`` on ``device``; ``start_obs`` (N, D_o): D's observations (moved to the device once);
     ``buffer_size``: D_model's capacity; ``seed``: the device generator that draws start states, rollout noise and

@@ -1,7 +1,9 @@
-"""Ray actors: each a thin shell around one core object (STYLE.md principle 2).
+"""Ray actors: each a thin shell around one core object (STYLE.md principles 2 and 11).
 
-The classes are plain Python; :func:`remote` turns one into an actor class with the resources the config
-asks for. Nothing here imports MLflow or Tune.
+The classes are plain Python with a role suffix (``LearnerActor`` wraps the core ``Learner``), made remote only
+where :mod:`dromo_ray.runtime.pipeline` builds them, with the resources of their role
+(:meth:`dromo_ray.runtime.resources.ActorOptions.actor_class`); tests build them without Ray. Each receives the
+config slices it reads, except :class:`LearnerActor` (see there). Nothing here imports MLflow or Tune.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import numpy as np
 import ray
 import torch
 
+from dromo_ray.core.agents.sac import cpu_copy
 from dromo_ray.core.buffer import ReplayBuffer
-from dromo_ray.core.config import AgentConfig, DynamicsConfig, ExperimentConfig
+from dromo_ray.core.config import AgentConfig, DynamicsConfig, ExperimentConfig, RolloutConfig
 from dromo_ray.core.envs import get_env_spec
-from dromo_ray.core.learner import DatasetSampler, LearnerCore, numpy_rng_state, set_numpy_rng_state
+from dromo_ray.core.learner import DatasetSampler, Learner, numpy_rng_state, set_numpy_rng_state
+from dromo_ray.core.model_env import penalty_kind
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.threads import set_torch_threads
 from dromo_ray.core.types import NumpyBatch
@@ -43,7 +47,7 @@ def dataset_arrays(dataset: Any) -> NumpyBatch:
 
 
 # --------------------------------------------------------------------------------------------------------
-class DynamicsTrainer:
+class DynamicsActor:
     """Trains a subset of the ensemble's members (Alg. 1 line 1); members of several trainers are merged.
 
     Every trainer gets the same train/holdout split and fits the normaliser on the same training rows, so the
@@ -82,7 +86,7 @@ def dynamics_from_state(state: dict[str, Any], obs_dim: int, act_dim: int, cfg: 
     return model
 
 
-class BehaviorFitter:
+class BehaviorFitActor:
     """Fits pi^beta by maximum likelihood, in parallel with the dynamics trainers."""
 
     def __init__(self, torch_threads: int = 1) -> None:
@@ -97,7 +101,7 @@ class BehaviorFitter:
 
 
 # --------------------------------------------------------------------------------------------------------
-class ReplayServer:
+class ReplayActor:
     """D_model: a bounded FIFO buffer that serves the learner in chunks of many batches."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, seed: int) -> None:
@@ -129,19 +133,23 @@ class ReplayServer:
 
 
 # --------------------------------------------------------------------------------------------------------
-class RolloutWorker:
+class RolloutActor:
     """Holds the elite ensemble and the latest target policy (inference only); rolls H steps from states of D.
 
-    Synchronous mode: the driver calls :meth:`rollout` with an explicit seed per round. Asynchronous mode:
+    Synchronous mode: the learner loop calls :meth:`rollout` with an explicit seed per round. Asynchronous mode:
     :meth:`start` runs a background loop that produces ``starts_per_publish`` start states' worth of
     transitions for every policy publish and pushes them to the replay actor, paced by the learner.
     """
 
-    def __init__(self, worker_index: int, cfg: ExperimentConfig, env_key: str, inputs: dict[str, Any],
-                 replay: Any = None) -> None:
+    def __init__(self, worker_index: int, env_key: str, inputs: dict[str, Any], replay: Any = None, *,
+                 agent: AgentConfig, dynamics: DynamicsConfig, rollout: RolloutConfig, seed: int,
+                 torch_threads: int = 1) -> None:
         """``inputs``: {"dynamics": state, "dataset": D, "policy": target-policy state}, each value or an ObjectRef
-        (refs nested in the dict are fetched here: a restartable actor's own arguments stay small)."""
-        set_torch_threads(cfg.runtime.torch_threads)
+        (refs nested in the dict are fetched here: a restartable actor's own arguments stay small).
+
+        ``agent`` gives the policy's widths and the model-reward penalty, ``dynamics`` the ensemble's shape,
+        ``rollout`` H and whether the model is sampled; ``seed`` the run's seed."""
+        set_torch_threads(torch_threads)
         import ray
 
         keys = ("dynamics", "dataset", "policy")
@@ -154,16 +162,16 @@ class RolloutWorker:
         from dromo_ray.core.model_env import ModelEnv
 
         spec = get_env_spec(env_key)
-        self.index, self.cfg = worker_index, cfg
-        model = dynamics_from_state(dynamics_state, spec.obs_dim, spec.act_dim, cfg.dynamics)
-        penalty = _penalty_kind(cfg.agent)
-        assert penalty != "entropy" or cfg.agent.mopo_entropy_ref is not None, (
-            "RolloutWorker: the entropy penalty needs agent.mopo_entropy_ref (the driver sets it from D)")
+        self.index, self.rollout_cfg = worker_index, rollout
+        model = dynamics_from_state(dynamics_state, spec.obs_dim, spec.act_dim, dynamics)
+        penalty = penalty_kind(agent)
+        assert penalty != "entropy" or agent.mopo_entropy_ref is not None, (
+            "RolloutActor: the entropy penalty needs agent.mopo_entropy_ref (the pipeline sets it from D)")
         # MOPO's max over members runs over all of them; other algorithms only log the signal (elites: cheaper).
         self.model_env = ModelEnv(model.eval(), spec.termination_fn, penalty=penalty,
-                                  all_members=cfg.agent.algorithm == "mopo", entropy_ref=cfg.agent.mopo_entropy_ref)
+                                  all_members=agent.algorithm == "mopo", entropy_ref=agent.mopo_entropy_ref)
         self.start_obs = torch.as_tensor(np.asarray(dataset.observations, dtype=np.float32))
-        self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, cfg.agent.hidden_dims)
+        self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, agent.hidden_dims)
         self.actor.load_state_dict(policy_state)
         self.actor.eval()
         self.policy_version = 0
@@ -174,7 +182,7 @@ class RolloutWorker:
         self._thread: threading.Thread | None = None
         self.transitions = 0
         self.busy_s = 0.0
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + worker_index)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + worker_index)
 
     def set_policy(self, policy_state: dict[str, Any], version: int, rounds: int = 0,
                    starts_per_round: int = 0) -> int:
@@ -198,8 +206,8 @@ class RolloutWorker:
         t0 = time.perf_counter()
         idx = torch.randint(self.start_obs.shape[0], (num_starts,), generator=gen)
         with self._lock:
-            batch = rollout(self.model_env, self.actor, self.start_obs[idx], self.cfg.rollout.horizon, gen,
-                            deterministic_model=self.cfg.rollout.deterministic)
+            batch = rollout(self.model_env, self.actor, self.start_obs[idx], self.rollout_cfg.horizon, gen,
+                            deterministic_model=self.rollout_cfg.deterministic)
         stats = rollout_stats(batch, num_starts)
         self.busy_s += time.perf_counter() - t0
         self.transitions += batch.size
@@ -243,15 +251,16 @@ class RolloutWorker:
         return self.index
 
 
-def _penalty_kind(agent: AgentConfig) -> str:
-    from dromo_ray.core.model_env import penalty_kind
-
-    return penalty_kind(agent)
 
 
 # --------------------------------------------------------------------------------------------------------
-class Learner:
-    """Wraps :class:`LearnerCore`: the agent updates on d_f batches, model rows fetched from the replay actor.
+class LearnerActor:
+    """Wraps the core :class:`~dromo_ray.core.learner.Learner`: the agent updates on d_f batches, model rows
+    fetched from the replay actor.
+
+    It takes the whole :class:`ExperimentConfig`: the agent it builds reads ``agent``, ``dynamics`` (MOBILE's
+    ensemble), ``train.total_steps`` (learning-rate schedules), ``seed`` and ``device``, and the actor itself
+    ``runtime``; a slice would be the config again under another name.
 
     Asynchronous mode prefetches the next chunk while the current one is consumed, so the RPC overlaps
     compute; synchronous mode fetches on demand so that the sample stream is deterministic.
@@ -269,7 +278,7 @@ class Learner:
         self.device = pick_device(cfg.device, num_gpus)
         behavior = None
         if behavior_state is not None:
-            behavior = TanhGaussianActor(spec.obs_dim, spec.act_dim, _behavior_hidden(cfg))
+            behavior = TanhGaussianActor(spec.obs_dim, spec.act_dim, behavior_hidden(cfg.agent))
             behavior.load_state_dict(behavior_state)
         density = density_from_state(density_state) if density_state is not None else None
         # The trained ensemble, for algorithms whose update queries it (MOBILE's penalty): the agent keeps a copy.
@@ -284,9 +293,9 @@ class Learner:
         self._prefetch: Any = None
         rollouts = (learner_rollouts(cfg, spec, dataset, dynamics_state, self.agent, self.device)
                     if cfg.rollout.mode == "learner" else None)
-        self.core = LearnerCore(self.agent, sampler, cfg.agent.batch_size, cfg.agent.f, self._fetch,
-                                chunk_batches=cfg.runtime.replay_chunk_batches, update_mode=cfg.agent.update_mode,
-                                rollouts=rollouts, rollout_interval=cfg.rollout.interval)
+        self.learner = Learner(self.agent, sampler, cfg.agent.batch_size, cfg.agent.f, self._fetch,
+                               chunk_batches=cfg.runtime.replay_chunk_batches, update_mode=cfg.agent.update_mode,
+                               rollouts=rollouts, rollout_interval=cfg.rollout.interval)
         self.compute_s = 0.0
 
     def _fetch(self, num_batches: int, batch_size: int) -> NumpyBatch:
@@ -297,31 +306,28 @@ class Learner:
         return ray.get(ref)
 
     def train(self, num_updates: int) -> dict[str, Any]:
-        wait0 = self.core.data_wait_s
+        wait0 = self.learner.data_wait_s
         t0 = time.perf_counter()
-        metrics = self.core.train(num_updates)
+        metrics = self.learner.train(num_updates)
         dt = time.perf_counter() - t0
-        wait = self.core.data_wait_s - wait0
+        wait = self.learner.data_wait_s - wait0
         self.compute_s += dt
         metrics.update({
             "perf/learner_updates_per_s": num_updates / dt,
             "perf/learner_wait_fraction": wait / dt if dt > 0 else 0.0,
         })
-        return {"metrics": metrics, "step": self.core.steps}
+        return {"metrics": metrics, "step": self.learner.steps}
 
     def policy_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """Inference-only weights: the target policy (rollouts) and the current policy (evaluation)."""
-        return {
-            "target": self.agent.target_policy_state(),
-            "current": {k: v.detach().cpu().clone() for k, v in self.agent.actor.state_dict().items()},
-        }
+        return {"target": self.agent.target_policy_state(), "current": cpu_copy(self.agent.actor.state_dict())}
 
     def state_dict(self) -> dict[str, Any]:
-        return _to_cpu(self.core.state_dict())
+        return cpu_copy(self.learner.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
-        self.core.load_state_dict(state)
-        return self.core.steps
+        self.learner.load_state_dict(state)
+        return self.learner.steps
 
     def device_name(self) -> str:
         return str(self.device)
@@ -351,22 +357,13 @@ def learner_rollouts(cfg: ExperimentConfig, spec: Any, dataset: Any, dynamics_st
 # --- end of learner-side rollouts --------------------------------------------------------------------------
 
 
-def _behavior_hidden(cfg: ExperimentConfig) -> tuple[int, ...]:
-    return (256, 256) if cfg.agent.hidden_dims[0] >= 256 else tuple(cfg.agent.hidden_dims[:2])
-
-
-def _to_cpu(obj: Any) -> Any:
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+def behavior_hidden(agent: AgentConfig) -> tuple[int, ...]:
+    """pi^beta's hidden widths: 256x256 for full-size agents, else the agent's first two layers."""
+    return (256, 256) if agent.hidden_dims[0] >= 256 else tuple(agent.hidden_dims[:2])
 
 
 # --------------------------------------------------------------------------------------------------------
-class Evaluator:
+class EvaluatorActor:
     """Runs a policy in the real MuJoCo environment (vectorised) and reports return and normalized score."""
 
     def __init__(self, env_key: str, hidden: tuple[int, ...], max_episode_steps: int = 1000) -> None:
@@ -388,11 +385,3 @@ class Evaluator:
         return {"eval/return_mean": float(res.mean_return), "eval/return_std": float(np.std(res.returns)),
                 "eval/normalized_score": float(res.mean_normalized),
                 "eval/episode_length": float(np.mean(res.lengths))}
-
-
-def remote(cls: type, *, num_cpus: float, num_gpus: float = 0.0, resources: dict[str, float] | None = None,
-           max_restarts: int = 0, max_concurrency: int = 1) -> Any:
-    """``ray.remote`` with the config's resources."""
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                      max_restarts=max_restarts, max_task_retries=-1 if max_restarts else 0,
-                      max_concurrency=max_concurrency)(cls)

@@ -20,15 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from dromo_ray.core.config import ExperimentConfig, to_dict
+from dromo_ray.core.envs import get_env_spec
 from dromo_ray.core.files import write_text_atomic
-from dromo_ray.errors import CheckpointError
+from dromo_ray.core.nets import TanhGaussianActor
+from dromo_ray.errors import CheckpointError, ConfigError
 
 STATE_FILE = "state.pt"
 REQUIRED = {"driver": dict, "config": dict, "env": str, "dynamics": dict, "learner": dict, "replay": dict}
-"""Top-level keys of every runtime checkpoint and their types (runtime/driver.py ``checkpoint``)."""
+"""Top-level keys of every runtime checkpoint and their types (runtime/loop.py ``LearnerLoop.checkpoint``)."""
 CONFIG_SECTIONS = ("agent", "dynamics", "runtime")
-
-
+CONTINUE_KEYS = (("agent", "algorithm"), ("agent", "hidden_dims"), ("dynamics", "ensemble_size"),
+                 ("dynamics", "hidden_dims"), ("runtime", "synchronous"))
+"""Config keys a resumed run must share with its checkpoint (networks, ensemble, loop mode)."""
 
 
 def _numpy_to_torch(obj: Any) -> Any:
@@ -107,3 +111,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state = _torch_to_numpy(state)
     state["path"] = str(f.parent)
     return state
+
+
+def check_compatible(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> None:
+    """ConfigError naming the key when ``cfg`` cannot continue ``ckpt`` (:data:`CONTINUE_KEYS`)."""
+    old, new = ckpt["config"], to_dict(cfg)
+    for section, key in CONTINUE_KEYS:
+        a, b = _plain(old[section][key]), _plain(new[section][key])
+        if a != b:
+            raise ConfigError(f"{section}.{key}: checkpoint has {a!r}, config has {b!r}")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def load_policy_from_checkpoint(path: str | Path) -> tuple[TanhGaussianActor, str, dict[str, Any]]:
+    """The current policy of a checkpoint (for ``dromo-ray evaluate``), its env key and the whole state."""
+    state = load_checkpoint(path)
+    try:
+        spec = get_env_spec(state["env"])
+        hidden = tuple(state["config"]["agent"]["hidden_dims"])
+        actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, hidden)
+        actor.load_state_dict(state["learner"]["agent"]["actor"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a well-formed file with the wrong contents
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise CheckpointError(f"{state['path']}: no policy in this checkpoint ({what})") from None
+    return actor.eval(), state["env"], state

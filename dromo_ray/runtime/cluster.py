@@ -1,63 +1,22 @@
-"""Starting Ray and asking whether a run fits the cluster (runtime layer; one place for both rules).
-
-:func:`start_ray` is the only ``ray.init`` of the package. With no address (neither ``address=`` nor
-``$RAY_ADDRESS``) it starts a *local* instance that listens on loopback only: Ray resolves a ``127.0.0.1`` node
-address to the machine's external IP (and its gRPC servers then bind every interface) unless it treats the
-node as a single-machine one, the way it does on macOS and Windows; we ask for that, start no dashboard, and the
-metrics agent follows the node address. An explicit cluster address keeps Ray's own behaviour.
+"""Asking whether a run fits the cluster (runtime layer; the one resource rule).
 
 :func:`check_fits` is the feasibility rule shared by ``train`` (one run's actors, :func:`run_stages`) and
 ``sweep`` (a trial's placement-group bundles): without it Ray waits forever for resources that never come.
+The requests it checks are :class:`~dromo_ray.runtime.resources.RoleResources`, the same that create the
+actors. ``start_ray``, ``learner_gpus`` and ``REPLAY_CPUS`` live in :mod:`dromo_ray.runtime.resources` and are
+importable from here as before.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from dataclasses import dataclass
-from typing import Any
 
 from dromo_ray.core.config import ExperimentConfig
 from dromo_ray.errors import ConfigError
+from dromo_ray.runtime.resources import REPLAY_CPUS, RoleResources, learner_gpus, start_ray
 
-REPLAY_CPUS = 0.01
-"""The replay actor's CPU request (runtime/driver.py)."""
-
-_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def start_ray(address: str | None = None, **kwargs: Any) -> bool:
-    """``ray.init`` unless Ray is up; True when this call connected (the caller then owns ``ray.shutdown``).
-
-    A local instance binds loopback only (module docstring). A SIGTERM handler the program set before the call
-    stays in place (``ray.init`` replaces it with one that calls ``sys.exit`` from wherever the signal lands).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    opts: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address is None:
-        import ray._private.ray_constants as ray_constants
-
-        os.environ[_SINGLE_NODE_ENV] = "0"  # Ray's child processes read it at import
-        ray_constants.ENABLE_RAY_CLUSTER = False  # this process already imported it
-        opts["_node_ip_address"] = "127.0.0.1"
-        # Token auth stays Ray's default for a new local instance (on); only its console notice ("Token
-        # authentication is enabled for this Ray cluster...") is kept off the user's screen. Setting RAY_AUTH_MODE
-        # here instead would desynchronise this process's cached Ray config from its children's.
-        import logging
-
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    opts.update(kwargs)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(address=address, **opts)
-    if main and callable(previous):
-        signal.signal(signal.SIGTERM, previous)
-    return True
+__all__ = ["REPLAY_CPUS", "Cluster", "check_fits", "check_run_fits", "fmt_resources", "learner_gpus", "run_stages",
+           "start_ray"]
 
 
 @dataclass
@@ -77,31 +36,20 @@ class Cluster:
         return cls(total, max_node)
 
 
-def learner_gpus(cfg: ExperimentConfig, cluster_gpus: float) -> float:
-    """The learner's GPUs (``runtime.learner_gpus`` -1: one when the cluster has one and ``device`` allows)."""
-    if cfg.device == "cpu":
-        return 0.0
-    if cfg.runtime.learner_gpus >= 0:
-        return cfg.runtime.learner_gpus
-    return 1.0 if cluster_gpus >= 1 else 0.0
-
-
 def run_stages(cfg: ExperimentConfig, cluster_gpus: float) -> list[list[dict[str, float]]]:
     """The actors of one ``train`` run outside Tune, as the two sets that exist at the same time.
 
     Stage 1 (Alg. 1 line 1): the dynamics trainers and, for DROMO, the behaviour fitter. Stage 2 (lines 2-8):
-    the replay actor, the learner, the rollout workers and the evaluators (runtime/driver.py).
+    the replay actor, the learner, the rollout workers and the evaluators (runtime/pipeline.py).
     """
     rt = cfg.runtime
-    k = cfg.dynamics.num_trainers + (1 if cfg.agent.needs_behavior_policy() else 0)
-    fit = [{"CPU": rt.dynamics_trainer_cpus} for _ in range(k)]
-    learner: dict[str, float] = {"CPU": rt.learner_cpus, **rt.learner_resources}
-    g = learner_gpus(cfg, cluster_gpus)
-    if g > 0:
-        learner["GPU"] = g
-    loop = [{"CPU": REPLAY_CPUS}, learner]
-    loop += [{"CPU": rt.rollout_worker_cpus, **rt.rollout_worker_resources} for _ in range(rt.num_rollout_workers)]
-    loop += [{"CPU": rt.evaluator_cpus} for _ in range(rt.num_evaluators)]
+    roles = RoleResources.from_config(cfg, cluster_gpus)
+    fit = [roles.dynamics.bundle() for _ in range(cfg.dynamics.num_trainers)]
+    if cfg.agent.needs_behavior_policy():
+        fit.append(roles.behavior_fit.bundle())
+    loop = [roles.replay.bundle(), roles.learner.bundle()]
+    loop += [roles.rollout.bundle() for _ in range(rt.num_rollout_workers)]
+    loop += [roles.evaluator.bundle() for _ in range(rt.num_evaluators)]
     return [fit, loop]
 
 

@@ -11,7 +11,7 @@ and Python calls. Here one update is ONE graph replay over static device buffers
    the graph (``CUDAGraph.register_generator_state``): each replay draws fresh numbers exactly where an eager
    update would, and the generator's offset advances as if the update had run eagerly;
 3. the loss record is added to a static metric-sum vector, read back once per :meth:`read_sums` (one host sync
-   per ``LearnerCore.train`` call, never per update); the cursor advances.
+   per ``Learner.train`` call, never per update); the cursor advances.
 
 Optimizers become ``capturable`` (Adam's step counter lives on the device); a cosine actor-lr schedule becomes a
 device lr tensor fed from a per-chunk schedule buffer. No algorithm needs data-dependent control flow inside an
