@@ -18,9 +18,11 @@ from dromo_ray.runtime.cluster import REPLAY_CPUS, Cluster, check_fits, learner_
 from dromo_ray.sweep.schema import is_number
 from dromo_ray.sweep.spec import ARM_KEY, DATASET_KEY, Cell, SweepSpec, compose_trial
 
-CQL_DATA_CPUS = 1.0
-"""The bundle of a ``cql_rllib`` trial's Ray Data pipeline (Parquet read tasks and the 0.5-CPU pre-learner actor
-of :func:`dromo_ray.behavior.cql_rllib.build_cql_config`, which Tune captures into the trial's group)."""
+CQL_DATA_CPUS = 1.5
+"""What a ``cql_rllib`` trial's Ray Data pipeline takes *outside* the trial's placement group (Ray Data schedules
+its tasks with its own strategy, so Tune does not capture them): the 0.5-CPU pre-learner actor of
+:func:`dromo_ray.behavior.cql_rllib.build_cql_config` and a Parquet read task (Ray Data's default, 1 CPU).
+Reserving them in the group instead would leave the pipeline waiting forever for CPUs the group holds."""
 
 
 def trial_bundles(cfg: ExperimentConfig, driver_cpus: float, cluster_gpus: float) -> list[dict[str, float]]:
@@ -35,11 +37,11 @@ def trial_bundles(cfg: ExperimentConfig, driver_cpus: float, cluster_gpus: float
     the learner is the largest actor (it is created first, after the replay). When rollout workers are steered by
     custom resources and the learner is not, the learner may take a worker bundle: one more is reserved.
 
-    A ``cql_rllib`` trial starts none of Algorithm 1's actors: RLlib's CQL learns in the trial's own process
-    (bundle 0), and its offline-data pipeline gets one bundle of :data:`CQL_DATA_CPUS`.
+    A ``cql_rllib`` trial starts none of Algorithm 1's actors: RLlib's CQL learns in the trial's own process, the
+    one bundle of its group; its data pipeline runs beside the group (:func:`outside_group`).
     """
     if cfg.agent.algorithm == "cql_rllib":
-        return [{"CPU": round(float(driver_cpus), 4)}, {"CPU": CQL_DATA_CPUS}]
+        return [{"CPU": round(float(driver_cpus), 4)}]
     rt = cfg.runtime
     g = learner_gpus(cfg, cluster_gpus)
     pinned = g > 0 or bool(rt.learner_resources)
@@ -59,6 +61,11 @@ def trial_bundles(cfg: ExperimentConfig, driver_cpus: float, cluster_gpus: float
     fits = sum(int((b["CPU"] + 1e-9) // t) for b in bundles[1:])
     bundles += [{"CPU": t} for _ in range(max(0, k - fits))]
     return [{key: round(float(v), 4) for key, v in b.items()} for b in bundles]
+
+
+def outside_group(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """Resources a trial uses beside its placement group, at the same time (:data:`CQL_DATA_CPUS`)."""
+    return [{"CPU": CQL_DATA_CPUS}] if cfg.agent.algorithm == "cql_rllib" else []
 
 
 def placement_group_factory(config: dict[str, Any], *, cells: dict[Cell, dict[str, Any]], driver_cpus: float,
@@ -104,11 +111,12 @@ def check_resources(spec: SweepSpec, cluster: Cluster) -> list[dict[str, float]]
         cfg = _worst_case_config(spec, cell)
         rt = cfg.runtime
         bundles = trial_bundles(cfg, spec.driver_cpus, cluster.total.get("GPU", 0.0))
-        layout = ("bundles: driver, RLlib CQL's data pipeline" if cfg.agent.algorithm == "cql_rllib" else
-                  f"bundles: driver, learner, {rt.num_rollout_workers} rollout workers, {rt.num_evaluators} "
+        layout = ("RLlib CQL in the trial's process, its data pipeline beside it" if cfg.agent.algorithm == "cql_rllib"
+                  else f"bundles: driver, learner, {rt.num_rollout_workers} rollout workers, {rt.num_evaluators} "
                   "evaluators[, extra]")
         try:
-            check_fits(cfg, cluster, bundles, driver_cpus=spec.driver_cpus, what="one trial", layout=layout)
+            check_fits(cfg, cluster, bundles + outside_group(cfg), driver_cpus=spec.driver_cpus, what="one trial",
+                       layout=layout)
         except ConfigError as e:
             raise ConfigError(f"arms.{cell[0]}: {e}" if cell[0] else str(e)) from None
         if sum(b.get("CPU", 0.0) for b in bundles) > sum(b.get("CPU", 0.0) for b in largest):
