@@ -35,8 +35,6 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SERVER_TIMEOUT_S = 3.0
 
 
-
-
 def default_tracking_uri(out_dir: str | Path, create: bool = True) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
@@ -88,17 +86,30 @@ def check_tracking_store(tracking_uri: str, *, must_exist: bool = False) -> None
             raise TrackingError(f"tracking uri {tracking_uri}: no MLflow server answers ({reason})") from None
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts of an embedded sqlite store live beside the database, not in ./mlruns of the cwd."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of an embedded sqlite store live beside the database (MLflow's default is ./mlruns of whatever
+    directory the process runs in); a server decides for itself."""
+    db = sqlite_path(tracking_uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
-def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:
-    """The run's store; creates nothing (``train`` creates out_dir when it writes the run)."""
-    return cli_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.out_dir, create=False)
+def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts per :func:`artifact_location`) when it does not exist."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(
+        tracking_uri))
+
+
+def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None, *, create: bool = False) -> str:
+    """The store of a run or a sweep: ``--tracking-uri``, else ``tracking.tracking_uri``, else
+    ``$MLFLOW_TRACKING_URI``, else an embedded sqlite store in ``out_dir`` (whose directory ``create`` makes;
+    ``train`` creates out_dir itself when it writes the run)."""
+    return cli_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.out_dir, create=create)
+
+
+def dataset_tag(dataset: str) -> str:
+    """The ``dataset`` tag of a run: a file's stem, or the name as given (a D4RL name, ``minari:<id>``)."""
+    return Path(dataset).stem if dataset.endswith(".hdf5") else dataset
 
 
 def run_tags(cfg: ExperimentConfig, env_key: str) -> dict[str, str]:
@@ -106,7 +117,7 @@ def run_tags(cfg: ExperimentConfig, env_key: str) -> dict[str, str]:
 
     return {
         "algorithm": cfg.agent.algorithm,
-        "dataset": Path(cfg.data.dataset).stem if cfg.data.dataset.endswith(".hdf5") else cfg.data.dataset,
+        "dataset": dataset_tag(cfg.data.dataset),
         "env": env_key,
         # The MDP evaluations run in (walker2d: the v2-v4 foot friction, see EnvSpec.xml_file).
         "env_model": get_env_spec(env_key).model,
@@ -134,9 +145,7 @@ class MlflowTracker:
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=_artifact_location(tracking_uri))
+        self.experiment_id = experiment_id(self.client, experiment, tracking_uri)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -186,6 +195,83 @@ class MlflowTracker:
             self.client.delete_tag(self.run_id, "failure_reason")  # a resumed run that finished did not fail
         self.client.set_terminated(self.run_id, status=status)
         self._ended = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sweeps (dromo_ray/sweep/): one parent run per sweep (tag ``sweep.role=parent``), one run per trial under it
+# (``mlflow.parentRunId``, ``sweep.trial_id``), so that a retried or resumed trial writes to the same run.
+
+
+def create_parent_run(client: Any, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str],
+                      artifact: str | Path) -> str:
+    """A sweep's parent run with its tags and params; ``artifact`` (the sweep file) is logged under ``sweep/``."""
+    from mlflow.entities import Param
+
+    run = client.create_run(experiment, tags=tags, run_name=run_name)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()])
+    client.log_artifact(run.info.run_id, str(artifact), "sweep")
+    return run.info.run_id
+
+
+def find_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
+    """The run of Tune trial ``trial_id`` under the sweep's parent, if it has one."""
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`sweep.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        max_results=10,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def open_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: str, *, known_run_id: str | None,
+                   tags: dict[str, str], run_name: str, stop_reasons: tuple[str, ...]) -> str:
+    """The run a trial writes to: the one it already has (``known_run_id``, else the one tagged with its id), or a
+    new one under the parent. A ``failure_reason`` left by an earlier attempt is removed (the run goes on); unless
+    it starts with one of ``stop_reasons`` (the trial was only stopped) it is kept as ``sweep.previous_failure``."""
+    run_id = known_run_id or find_trial_run(client, experiment, parent_run_id, trial_id)
+    if run_id is None:
+        run = client.create_run(experiment, tags={**tags, "mlflow.parentRunId": parent_run_id,
+                                                  "sweep.trial_id": trial_id}, run_name=run_name)
+        return run.info.run_id
+    previous = client.get_run(run_id).data.tags.get("failure_reason")
+    if previous is not None:
+        if not previous.startswith(stop_reasons):
+            client.set_tag(run_id, "sweep.previous_failure", previous)
+        client.delete_tag(run_id, "failure_reason")
+    return run_id
+
+
+def end_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: str, *, error: str | None,
+                  step: Any) -> None:
+    """The MLflow status of a trial that Tune ended without ``train()`` finishing its run.
+
+    error: the trial failed; a run still RUNNING (its process died) becomes FAILED. No error: a scheduler stopped
+    it at ``step``; the run becomes KILLED, tagged ``sweep.stopped_early``. Tune asks a trial to stop by raising
+    SystemExit in it, which ``train()`` records as FAILED, possibly after this ran: the sweep calls this again
+    once Tune is done.
+    """
+    run_id = find_trial_run(client, experiment, parent_run_id, trial_id)
+    if run_id is None:
+        return
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        return
+    if error is not None:
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", error)
+            client.set_terminated(run_id, status="FAILED")
+        return
+    client.set_tag(run_id, "sweep.stopped_early", "true")
+    client.set_tag(run_id, "failure_reason", f"stopped early by the scheduler at step {step}")
+    if run.info.status != "KILLED":
+        client.set_terminated(run_id, status="KILLED")
+
+
+def mark_killed(client: Any, run_id: str, reason: str) -> None:
+    """An unfinished run (a trial interrupted with its sweep) becomes KILLED with ``reason``; a finished one stays."""
+    if client.get_run(run_id).info.status != "FINISHED":
+        client.set_tag(run_id, "failure_reason", reason)
+        client.set_terminated(run_id, status="KILLED")
 
 
 def learning_curve_png(history: list[tuple[int, dict[str, float]]], path: str | Path, title: str = "") -> Path | None:
