@@ -16,7 +16,7 @@ from test_agents import ACT, OBS, TINY, VARIANTS, build, tiny_ensemble
 from dromo_ray.core.agents.captured import CapturedUpdate, resolve_update_mode
 from dromo_ray.core.buffer import DeviceReplayBuffer, ReplayBuffer
 from dromo_ray.core.config import AgentConfig, RolloutConfig
-from dromo_ray.core.learner import DatasetSampler, LearnerCore
+from dromo_ray.core.learner import DatasetSampler, Learner
 from dromo_ray.core.model_env import ModelEnv
 from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.rollout import LearnerRollouts, rollout, rollout_batch
@@ -36,14 +36,14 @@ def rows(n: int, seed: int, unc: bool = True) -> NumpyBatch:
                       r.random(n).astype(np.float32) if unc else np.zeros(n, np.float32))
 
 
-def learner(variant: str, mode: str, device: str = "cpu", chunk: int = 4, **overrides) -> LearnerCore:
-    """A LearnerCore over a fixed dataset and a fixed D_model; same seeds for every mode."""
+def learner(variant: str, mode: str, device: str = "cpu", chunk: int = 4, **overrides) -> Learner:
+    """A Learner over a fixed dataset and a fixed D_model; same seeds for every mode."""
     agent, cfg = build_on(variant, device, **overrides)
     buf = ReplayBuffer(1000, OBS, ACT)
     buf.add(rows(500, 1))
     rng = np.random.default_rng(3)
     sampler = DatasetSampler(rows(300, 2, unc=False), torch.device(device), seed=5)
-    return LearnerCore(agent, sampler, cfg.batch_size, cfg.f, lambda k, b: buf.sample_chunk(k, b, rng),
+    return Learner(agent, sampler, cfg.batch_size, cfg.f, lambda k, b: buf.sample_chunk(k, b, rng),
                        chunk_batches=chunk, update_mode=mode)
 
 
@@ -211,7 +211,7 @@ def test_learner_side_rollouts_train_end_to_end(mode: str):
     ro = tiny_rollouts()
     ro.actor = agent.target_actor  # the learner rolls out its own target policy
     sampler = DatasetSampler(rows(300, 2, unc=False), torch.device("cpu"), seed=5)
-    core = LearnerCore(agent, sampler, cfg.batch_size, cfg.f, None, chunk_batches=4, update_mode=mode,
+    core = Learner(agent, sampler, cfg.batch_size, cfg.f, None, chunk_batches=4, update_mode=mode,
                        rollouts=ro, rollout_interval=10)
     before = [p.detach().clone() for p in agent.critic.parameters()]
     m = core.train(25)  # rounds at steps 0, 10, 20
@@ -228,7 +228,7 @@ def test_learner_side_rollouts_train_end_to_end(mode: str):
     agent2, _ = build("mopo", seed=9)
     ro2 = tiny_rollouts(seed=3)
     ro2.actor = agent2.target_actor
-    core2 = LearnerCore(agent2, DatasetSampler(rows(300, 2, unc=False), torch.device("cpu"), seed=1), cfg.batch_size,
+    core2 = Learner(agent2, DatasetSampler(rows(300, 2, unc=False), torch.device("cpu"), seed=1), cfg.batch_size,
                         cfg.f, None, chunk_batches=4, update_mode=mode, rollouts=ro2, rollout_interval=10)
     core2.load_state_dict(state)
     core.train(10)
