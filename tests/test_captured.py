@@ -242,7 +242,7 @@ def test_learner_actor_in_learner_rollout_mode(tiny_hopper_dataset):
     its device, rolls out itself and trains, without a replay actor."""
     from dromo_ray.core import dynamics
     from dromo_ray.core.config import config_from_dict
-    from dromo_ray.runtime import actors as A
+    from dromo_ray.runtime import actors
 
     ds = tiny_hopper_dataset
     cfg = config_from_dict({
@@ -252,13 +252,13 @@ def test_learner_actor_in_learner_rollout_mode(tiny_hopper_dataset):
         "rollout": {"mode": "learner", "horizon": 2, "batch_size": 64, "interval": 8, "model_buffer_size": 1000},
         "runtime": {"replay_chunk_batches": 4},
     })
-    assert A.learner_needs_dynamics(cfg)
-    a = A.dataset_arrays(ds)
+    assert actors.learner_needs_dynamics(cfg)
+    a = actors.dataset_arrays(ds)
     model = dynamics.EnsembleDynamics(ds.obs_dim, ds.act_dim, cfg.dynamics, generator=torch.Generator().manual_seed(0))
     model.set_normalizer(dynamics.normalizer_stats(*dynamics.make_inputs_targets(a.obs, a.act, a.next_obs, a.rew)))
-    learner = A.Learner(cfg, "hopper", ds, None, None, None, 0.0, model.state_dict())
+    learner = actors.LearnerActor(cfg, "hopper", ds, None, None, None, 0.0, model.state_dict())
     out = learner.train(20)
-    rollouts = learner.core.rollouts
+    rollouts = learner.learner.rollouts
     assert out["step"] == 20 and rollouts.rounds == 3 and len(rollouts.buffer) > 64
     assert rollouts.buffer._data["obs"].shape == (1000, ds.obs_dim)
     m = out["metrics"]
@@ -274,7 +274,7 @@ def test_run_with_learner_side_rollouts_on_ray(tiny_hopper_hdf5, tmp_path):
     from test_runtime import TINY as tiny_yaml  # the runtime tests' tiny config, wherever it lives
 
     from dromo_ray.config import load_config
-    from dromo_ray.data.dataset import load_dataset
+    from dromo_ray.data.load import load_dataset
     from dromo_ray.runtime.checkpoint import load_checkpoint
     from dromo_ray.runtime.driver import run_experiment
 
