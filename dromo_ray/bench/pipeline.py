@@ -155,7 +155,8 @@ def _measure_workers_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     rollout_class = roles.rollout.actor_class(RolloutActor)
     max_workers = rt.num_rollout_workers
     inputs = {"dynamics": dyn_ref, "dataset": data_ref, "policy": ray.put(policy)}
-    workers = [rollout_class.remote(i, "hopper", inputs, replay, agent=cfg.agent, dynamics=cfg.dynamics,
+    ray.get(replay.hold_worker_inputs.remote(inputs))
+    workers = [rollout_class.remote(i, "hopper", None, replay, agent=cfg.agent, dynamics=cfg.dynamics,
                                     rollout=cfg.rollout, seed=cfg.seed, torch_threads=rt.torch_threads)
                for i in range(max_workers)]
     out: dict[str, Any] = {"learner_device": ray.get(learner.device_name.remote())}
