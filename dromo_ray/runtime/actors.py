@@ -156,14 +156,18 @@ class RolloutActor:
                  agent: AgentConfig, dynamics: DynamicsConfig, rollout: RolloutConfig, seed: int,
                  torch_threads: int = 1) -> None:
         """``inputs``: {"dynamics": state, "dataset": D, "policy": target-policy state}, each value or an ObjectRef
-        (fetched here); None: the dict the replay actor holds (:meth:`ReplayActor.hold_worker_inputs`), which is how
-        the runtime builds its restartable workers (no object-store ref among their constructor arguments).
+        (fetched here); None: the dict the replay actor holds (:meth:`ReplayActor.hold_worker_inputs`). ``replay``:
+        the replay actor's handle, or its name. The runtime builds its restartable workers with ``inputs=None`` and
+        the name, so that no constructor argument is an object-store ref: Ray counts refs and actor handles alike,
+        cannot restart such an actor once they are gone, and prints an error line for each one it creates.
 
         ``agent`` gives the policy's widths and the model-reward penalty, ``dynamics`` the ensemble's shape,
         ``rollout`` H and whether the model is sampled; ``seed`` the run's seed."""
         set_torch_threads(torch_threads)
         import ray
 
+        if isinstance(replay, str):  # the replay actor's name: a handle argument would be an object-store ref too
+            replay = ray.get_actor(replay)
         if inputs is None:
             inputs = ray.get(replay.get_worker_inputs.remote())
             if inputs is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,8 +174,9 @@ def start_stage2(cfg: ExperimentConfig, env_key: str, dataset_ref: Any, stage: d
     ``{"target": ..., "current": ...}``."""
     spec = get_env_spec(env_key)
     rt = cfg.runtime
-    replay = roles.replay.actor_class(ReplayActor).remote(cfg.rollout.model_buffer_size, spec.obs_dim,
-                                                          spec.act_dim, cfg.seed + 1)
+    replay_name = f"dromo_ray.replay.{uuid.uuid4().hex[:12]}"  # the workers find it by name (see RolloutActor)
+    replay = roles.replay.actor_class(ReplayActor).options(name=replay_name).remote(
+        cfg.rollout.model_buffer_size, spec.obs_dim, spec.act_dim, cfg.seed + 1)
     gpus = roles.learner.num_gpus
     dynamics_ref = ray.put(stage["dynamics"])
     learner = roles.learner.actor_class(LearnerActor).remote(
@@ -189,7 +191,7 @@ def start_stage2(cfg: ExperimentConfig, env_key: str, dataset_ref: Any, stage: d
     # for each such actor otherwise), and a restarted worker fetches them again.
     inputs = {"dynamics": dynamics_ref, "dataset": dataset_ref, "policy": ray.put(policies["target"])}
     ray.get(replay.hold_worker_inputs.remote(inputs))
-    workers = [rollout_class.remote(i, env_key, None, replay, agent=cfg.agent, dynamics=cfg.dynamics,
+    workers = [rollout_class.remote(i, env_key, None, replay_name, agent=cfg.agent, dynamics=cfg.dynamics,
                                     rollout=cfg.rollout, seed=cfg.seed, torch_threads=rt.torch_threads)
                for i in range(rt.num_rollout_workers)
                if cfg.rollout.mode == "workers"]  # rollout.mode learner: the learner rolls out itself
