@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,9 @@ def _measure_workers_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     rt = cfg.runtime
     gpus = 1.0 if dev.type == "cuda" else 0.0
     roles = RoleResources.from_config(cfg, gpus)
-    replay = roles.replay.actor_class(ReplayActor).remote(cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
+    replay_name = f"dromo_ray.bench.replay.{uuid.uuid4().hex[:12]}"
+    replay = roles.replay.actor_class(ReplayActor).options(name=replay_name).remote(
+        cfg.rollout.model_buffer_size, spec_obs, spec_act, 1)
     learner = roles.learner.actor_class(LearnerActor).remote(
         cfg, "hopper", data_ref, replay, behavior, build_density_state(cfg, dataset), gpus,
         dyn_ref if learner_needs_dynamics(cfg) else None)
@@ -155,7 +158,8 @@ def _measure_workers_mode(cfg: Any, dataset: Any, steps: int, dev: torch.device,
     rollout_class = roles.rollout.actor_class(RolloutActor)
     max_workers = rt.num_rollout_workers
     inputs = {"dynamics": dyn_ref, "dataset": data_ref, "policy": ray.put(policy)}
-    workers = [rollout_class.remote(i, "hopper", inputs, replay, agent=cfg.agent, dynamics=cfg.dynamics,
+    ray.get(replay.hold_worker_inputs.remote(inputs))
+    workers = [rollout_class.remote(i, "hopper", None, replay_name, agent=cfg.agent, dynamics=cfg.dynamics,
                                     rollout=cfg.rollout, seed=cfg.seed, torch_threads=rt.torch_threads)
                for i in range(max_workers)]
     out: dict[str, Any] = {"learner_device": ray.get(learner.device_name.remote())}

@@ -21,7 +21,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread where Ctrl-C would be: the same clean stop, exit code 143."""
 
 
+_SIGTERM_SEEN = threading.Event()
+"""Set by the handler: a library that catches the Terminated raised inside it (Ray's ``ray.get`` can surface it as
+a plain KeyboardInterrupt) still ends the command as terminated, 143."""
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    _SIGTERM_SEEN.set()
     raise Terminated()
 
 
@@ -32,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ``KeyboardInterrupt``, so the cleanup that handles one (atomic writes remove their temporary file,
     :mod:`dromo_ray.core.files`; a run records itself killed) handles both."""
     main_thread = threading.current_thread() is threading.main_thread()
+    _SIGTERM_SEEN.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     command = None
     try:
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dromo-ray {command}: error: {msg}", file=sys.stderr)
             return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated), at any point, imports included
-        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        terminated = isinstance(e, Terminated) or _SIGTERM_SEEN.is_set()
+        what, code = ("terminated", 143) if terminated else ("interrupted", 130)
         hint = getattr(e, "resume_hint", "")
         prog = f"dromo-ray {command}" if command else "dromo-ray"
         print(f"{prog}: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)

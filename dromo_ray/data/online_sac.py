@@ -1,5 +1,9 @@
 """Online SAC in the real Gymnasium v5 environment: the behaviour policies the suite's datasets come from.
 
+(One file over ~500 lines, for one reason: exact resume. The run's state, its saving at episode boundaries, the
+loop that must replay identically after a resume, and the replay-by-actions check all read and write the same
+fields; split, each part would need the others' internals.)
+
     dromo-ray behavior train --env hopper --steps 1000000 --out behavior/hopper --seed 0
     dromo-ray behavior train --resume behavior/hopper            # after an interruption, or to train longer
 

@@ -108,6 +108,17 @@ class ReplayActor:
         self.buffer = ReplayBuffer(capacity, obs_dim, act_dim)
         self.rng = np.random.default_rng(seed)
         self.added = 0
+        self.worker_inputs: dict[str, Any] | None = None
+
+    def hold_worker_inputs(self, inputs: dict[str, Any]) -> None:
+        """Keep the rollout workers' inputs ({"dynamics", "dataset", "policy"}: ObjectRefs) for the whole run. A
+        worker fetches them in its constructor (:meth:`get_worker_inputs`), so that no constructor argument of a
+        restartable actor is an object-store ref (Ray warns about, and cannot restart, such actors), and a
+        restarted worker finds them here."""
+        self.worker_inputs = dict(inputs)
+
+    def get_worker_inputs(self) -> dict[str, Any] | None:
+        return self.worker_inputs
 
     def add(self, batch: NumpyBatch) -> int:
         self.buffer.add(batch)
@@ -141,17 +152,26 @@ class RolloutActor:
     transitions for every policy publish and pushes them to the replay actor, paced by the learner.
     """
 
-    def __init__(self, worker_index: int, env_key: str, inputs: dict[str, Any], replay: Any = None, *,
+    def __init__(self, worker_index: int, env_key: str, inputs: dict[str, Any] | None, replay: Any = None, *,
                  agent: AgentConfig, dynamics: DynamicsConfig, rollout: RolloutConfig, seed: int,
                  torch_threads: int = 1) -> None:
         """``inputs``: {"dynamics": state, "dataset": D, "policy": target-policy state}, each value or an ObjectRef
-        (refs nested in the dict are fetched here: a restartable actor's own arguments stay small).
+        (fetched here); None: the dict the replay actor holds (:meth:`ReplayActor.hold_worker_inputs`). ``replay``:
+        the replay actor's handle, or its name. The runtime builds its restartable workers with ``inputs=None`` and
+        the name, so that no constructor argument is an object-store ref: Ray counts refs and actor handles alike,
+        cannot restart such an actor once they are gone, and prints an error line for each one it creates.
 
         ``agent`` gives the policy's widths and the model-reward penalty, ``dynamics`` the ensemble's shape,
         ``rollout`` H and whether the model is sampled; ``seed`` the run's seed."""
         set_torch_threads(torch_threads)
         import ray
 
+        if isinstance(replay, str):  # the replay actor's name: a handle argument would be an object-store ref too
+            replay = ray.get_actor(replay)
+        if inputs is None:
+            inputs = ray.get(replay.get_worker_inputs.remote())
+            if inputs is None:
+                raise ValueError("RolloutActor: the replay actor holds no worker inputs (hold_worker_inputs first)")
         keys = ("dynamics", "dataset", "policy")
         values = [inputs[k] for k in keys]
         refs = [i for i, v in enumerate(values) if isinstance(v, ray.ObjectRef)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,8 +174,9 @@ def start_stage2(cfg: ExperimentConfig, env_key: str, dataset_ref: Any, stage: d
     ``{"target": ..., "current": ...}``."""
     spec = get_env_spec(env_key)
     rt = cfg.runtime
-    replay = roles.replay.actor_class(ReplayActor).remote(cfg.rollout.model_buffer_size, spec.obs_dim,
-                                                          spec.act_dim, cfg.seed + 1)
+    replay_name = f"dromo_ray.replay.{uuid.uuid4().hex[:12]}"  # the workers find it by name (see RolloutActor)
+    replay = roles.replay.actor_class(ReplayActor).options(name=replay_name).remote(
+        cfg.rollout.model_buffer_size, spec.obs_dim, spec.act_dim, cfg.seed + 1)
     gpus = roles.learner.num_gpus
     dynamics_ref = ray.put(stage["dynamics"])
     learner = roles.learner.actor_class(LearnerActor).remote(
@@ -184,11 +186,12 @@ def start_stage2(cfg: ExperimentConfig, env_key: str, dataset_ref: Any, stage: d
         ray.get([learner.load_state_dict.remote(resume["learner"]), replay.load_state_dict.remote(resume["replay"])])
     policies = ray.get(learner.policy_states.remote())
     rollout_class = roles.rollout.actor_class(RolloutActor)
-    # The large constructor inputs travel as refs nested in a dict (the worker gets them itself), so that no
-    # constructor argument of a restartable actor lives in the object store; RunActors holds the refs for the
-    # whole run, so a restarted worker finds them.
+    # The large inputs reach the (restartable) workers through the replay actor, which holds their refs for the
+    # whole run: no constructor argument of a restartable actor is an object-store ref (Ray prints an error line
+    # for each such actor otherwise), and a restarted worker fetches them again.
     inputs = {"dynamics": dynamics_ref, "dataset": dataset_ref, "policy": ray.put(policies["target"])}
-    workers = [rollout_class.remote(i, env_key, inputs, replay, agent=cfg.agent, dynamics=cfg.dynamics,
+    ray.get(replay.hold_worker_inputs.remote(inputs))
+    workers = [rollout_class.remote(i, env_key, None, replay_name, agent=cfg.agent, dynamics=cfg.dynamics,
                                     rollout=cfg.rollout, seed=cfg.seed, torch_threads=rt.torch_threads)
                for i in range(rt.num_rollout_workers)
                if cfg.rollout.mode == "workers"]  # rollout.mode learner: the learner rolls out itself

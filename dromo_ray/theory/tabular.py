@@ -1,5 +1,8 @@
 """Tabular DROMO: a finite-MDP version of the critic (Eq. 13, Lemma 4.1 / Eq. 15) for checking the paper's claims.
 
+(One file over ~500 lines, for one reason: it is one chain of exact computations, the paper's Section 3 to
+Theorem 4.2 in order, each step using the previous ones; nothing imports it but the tests.)
+
 Everything is numpy float64 (torch float64 only for autograd of the Eq. 13 objective). Shapes: S states,
 A actions; a Q-table, a policy and a state-action distribution are all ``(S, A)``; a model is ``P (S, A, S)``
 with ``P[s, a, s'] = P(s'|s, a)``, ``r (S, A)``, a discount ``gamma`` and an initial distribution ``mu (S,)``.
