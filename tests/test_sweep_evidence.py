@@ -312,7 +312,7 @@ def test_miniature_arms_sweep_interrupted_resumed_and_reported(tmp_path, arms_do
 @pytest.mark.slow
 def test_cql_arm_runs_in_a_sweep_trial(tmp_path, arms_doc, tiny_hopper_hdf5):
     """An RLlib CQL arm trains, evaluates and finishes inside a Tune trial (its data pipeline beside the trial's
-    placement group) and reports its final score. About 3 minutes on 2 idle CPUs."""
+    placement group) and reports its final score. About 30 s on 2 idle CPUs."""
     import ray
 
     doc = {**arms_doc, "arms": {"cql": {"base": "tiny_{env}.yaml", "set": {"agent.algorithm": "cql_rllib"}}},

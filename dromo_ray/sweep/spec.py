@@ -194,7 +194,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _compose_cells(f: SweepFile, sweep_dir: Path, check_datasets: bool) -> dict[Cell, dict[str, Any]]:
-    if "seed" in f.config_sections and f.seeds is not None or "seed" in (f.common or {}) and f.seeds is not None:
+    if f.seeds is not None and ("seed" in f.config_sections or "seed" in (f.common or {})):
         raise ConfigError("seeds: give either a config `seed` or `seeds`, not both")
     if f.arms is None:
         if f.common is not None:
