@@ -23,7 +23,7 @@ from dromo_ray.cli import Terminated, main
 from dromo_ray.data.dataset import OfflineDataset
 from dromo_ray.errors import DatasetError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
