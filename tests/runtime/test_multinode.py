@@ -9,7 +9,7 @@ session). Every step is bounded in time, a failing step does not stop the next, 
 process of the test survives. The whole test is bounded by pytest-timeout (``signal`` method, so the teardown
 still runs).
 
-Slow (several minutes on 2 cores): ``pytest -m slow tests/test_multinode.py``. The teardown mechanism itself is
+Slow (several minutes on 2 cores): ``pytest -m slow tests/runtime/test_multinode.py``. The teardown mechanism itself is
 checked by a fast test.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
+TINY = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 
 
 def _free_port_block(n: int = 220) -> int:

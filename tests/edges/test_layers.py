@@ -39,7 +39,7 @@ def test_runtime_imports_no_mlflow_or_tune():
 import ast  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dromo_ray"
+PACKAGE = Path(__file__).resolve().parents[2] / "dromo_ray"
 
 FLOORS = {"errors": 0, "ui": 0, "__init__": 0, "core": 1, "theory": 2, "data": 2, "runtime": 3, "config": 4,
           "tracking": 4, "rllib": 4, "train": 4, "report": 4, "plots": 4, "sweep": 4, "bench": 4, "demo": 4,

@@ -27,7 +27,7 @@ from dromo_ray.runtime.cluster import Cluster, check_run_fits, start_ray
 from dromo_ray.tracking import TrackingError, check_tracking_store
 from dromo_ray.train import plan_resume
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 
 

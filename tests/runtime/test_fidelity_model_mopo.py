@@ -3,7 +3,7 @@
 Issue 10: the ±100 model blow-up rule, MOPO-auto's u and δ (on a real trained Hopper ensemble), the published
 MOPO presets, the max over all members, bootstrap and per-layer decay defaults, recalibration off for baselines.
 
-Run as a script for the figures of the report: ``PYTHONPATH=$PWD python tests/test_fidelity_model_mopo.py``.
+Run as a script for the figures of the report: ``PYTHONPATH=$PWD python tests/runtime/test_fidelity_model_mopo.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dromo_ray.core.nets import TanhGaussianActor
 from dromo_ray.core.rollout import rollout, rollout_stats
 from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
+TUNE = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks"
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Model blow-up: every env stops a row whose predicted s' leaves (-100, 100)

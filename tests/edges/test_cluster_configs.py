@@ -28,7 +28,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay.yaml"
 LAUNCHER_CONFIGS = sorted(p for p in CLUSTER.glob("*.yaml") if p != KUBERAY)

@@ -13,7 +13,7 @@ from dromo_ray.config import load_config
 from dromo_ray.runtime.checkpoint import load_checkpoint
 from dromo_ray.runtime.driver import RunFailed, run_experiment
 
-TINY = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
+TINY = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 pytestmark = pytest.mark.ray
 
 

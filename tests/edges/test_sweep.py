@@ -17,7 +17,7 @@ import yaml
 from dromo_ray.errors import ConfigError
 from dromo_ray.sweep import Cluster, check_resources, load_sweep, trial_bundles
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TUNE = ROOT / "tune_configs" / "sweeps"
 TINY = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
 

@@ -17,7 +17,7 @@ import yaml
 from dromo_ray.errors import ConfigError
 from dromo_ray.sweep import ARM_KEY, DATASET_KEY, Cluster, check_resources, load_sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TUNE = ROOT / "tune_configs"
 EVIDENCE = TUNE / "sweeps" / "evidence_medium.yaml"
 ARMS = {"dromo": "dromo", "dromo_alpha_0.1": "dromo", "combo": "combo", "mopo": "mopo", "mbpo": "mbpo",

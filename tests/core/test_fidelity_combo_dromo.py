@@ -22,7 +22,7 @@ from dromo_ray.core.density import ConstantDensity, KDEDensity, density_from_sta
 from dromo_ray.core.types import Batch, MixedBatch
 from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
+TUNE = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks"
 SWEEPS = TUNE.parent / "sweeps"
 ENVS = ("halfcheetah", "hopper", "walker2d")
 PUBLISHED = {  # env: (β, rollout length h) — COMBO appendix C and OfflineRL-Kit run_combo.py's suggested hypers

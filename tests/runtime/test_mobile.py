@@ -20,7 +20,7 @@ from dromo_ray.core.types import Batch, MixedBatch
 from dromo_ray.errors import ConfigError
 
 OBS, ACT = 4, 2
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
+TUNE = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks"
 SWEEPS = TUNE.parent / "sweeps"
 TINY = dict(hidden_dims=(32, 32), batch_size=16, critic_lr=1e-3, actor_lr=1e-3)
 

@@ -10,7 +10,7 @@ from dromo_ray.config import dump_config, load_config
 from dromo_ray.core.config import ExperimentConfig, config_from_dict, flatten
 from dromo_ray.errors import ConfigError
 
-TUNE = Path(__file__).resolve().parents[1] / "tune_configs" / "tasks"
+TUNE = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -208,7 +208,7 @@ def test_errors_are_imported_from_dromo_ray_errors():
     come from dromo_ray.errors (not re-exported through a config module)."""
     import ast
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     file_layer = {"read_yaml", "compose_yaml", "parse_overrides", "load_config", "dump_config", "BASE_KEY"}
     bad = []
     for f in sorted([*root.joinpath("dromo_ray").rglob("*.py"), *root.joinpath("tests").rglob("*.py")]):
@@ -225,7 +225,7 @@ def test_errors_are_imported_from_dromo_ray_errors():
 # ---- tune_configs/: base.yaml + algos/ + tasks/ (a few lines each) + sweeps/ ---------------------------------
 
 CONFIGS = TUNE.parent
-SNAPSHOT = Path(__file__).resolve().parent / "data" / "task_configs_before.json"
+SNAPSHOT = Path(__file__).resolve().parent / "task_configs_before.json"
 TASK_MAX_LINES = 20
 """Every {algo}_{env} task file fits in this many lines, comments included (the longest today: 17)."""
 STANDALONE = {"tiny_hopper_dromo"}
@@ -239,7 +239,7 @@ def _snapshot() -> dict:
 
 
 def test_every_task_config_has_a_snapshot_and_every_snapshot_a_task():
-    """tests/data/task_configs_before.json holds the composed config of every task YAML before the base: layout,
+    """tests/edges/task_configs_before.json holds the composed config of every task YAML before the base: layout,
     keyed by file stem: no task lost, none added without a record."""
     assert {f.stem for f in TUNE.glob("*.yaml")} == set(_snapshot())
 
