@@ -76,15 +76,18 @@ def _error(msg: str) -> Exception:
 
 
 def resolve_uri(cli_uri: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else train's default embedded store ./dromo_runs/mlflow.db."""
+    """--tracking-uri, else the store ``train`` and ``sweep`` default to (``tracking.default_tracking_uri``:
+    $MLFLOW_TRACKING_URI, else ./dromo_runs/mlflow.db), which a reader requires to exist."""
+    from dromo_ray.core.config import ExperimentConfig
+    from dromo_ray.tracking import default_tracking_uri, sqlite_path
+
     if cli_uri:
         return cli_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path("dromo_runs").resolve() / "mlflow.db"
-    if not db.exists():
+    uri = default_tracking_uri(ExperimentConfig.__dataclass_fields__["out_dir"].default, create=False)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists() and not os.environ.get("MLFLOW_TRACKING_URI"):
         raise _error(f"no MLflow store at {db} (the default of `train` and `sweep`); pass --tracking-uri")
-    return f"sqlite:///{db}"
+    return uri
 
 
 def _search_all(client: Any, experiment_id: str) -> list[Any]:
