@@ -37,7 +37,10 @@ Outputs under ``--out``::
                                   ``D4RL_DATASET_DIR=<out>/d4rl``, or load the path
     minari/dromo/<env>-<part>-v5  Minari datasets; ``minari:dromo/<env>-<part>-v5`` with
                                   ``MINARI_DATASETS_PATH=<out>/minari``
-    suite.json                    how each part was made and its behaviour return / normalized score
+    suite_<env>.json              how each part was made and its behaviour return / normalized score
+
+One ``--out`` can hold the suites of several envs (one manifest each), so that a single
+``D4RL_DATASET_DIR=<out>/d4rl`` finds every env's files.
 
 Resumable: a part whose files exist (written atomically) is skipped after checking it was made with the
 same settings (``metadata/suite_fingerprint``); different settings are an error, never a silent mix.
@@ -253,7 +256,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
                parts: tuple[str, ...] = PARTS, deterministic: bool = False, minari: bool = True,
                progress: bool = True, log: Callable[[str], None] | None = None, expert_rule: str = "final",
                shipped_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Make (or finish making) the suite; returns the manifest also written to ``out/suite.json``.
+    """Make (or finish making) the suite; returns the manifest also written to ``out/suite_<env>.json``.
 
     ``policies`` is a behaviour run's directory (module doc); without it the suite comes from the shipped
     policies (``shipped_dir``, default the package's). ``parts`` is a subset of :data:`PARTS`; part ``i`` is
@@ -295,7 +298,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
     fingerprint = _fingerprint(spec.key, size, seed, deterministic, index, sel)
     vers = versions()
     sampling = "deterministic" if deterministic else "stochastic"
-    manifest_path = out / "suite.json"
+    manifest_path = out / f"suite_{spec.key}.json"
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "env": spec.key, "gym_id": spec.gym_id, "size": size, "seed": seed,
         "sampling": sampling, "policies": str(policies), "suite_fingerprint": fingerprint, "versions": vers,

@@ -294,7 +294,7 @@ def test_suite_resumes_and_refuses_other_settings(suite, sac_run):
     again = make_suite("hopper", SIZE, out, sac_run.out, seed=7, progress=False)
     assert all(again["parts"][p]["status"].startswith("skipped") for p in PARTS)
     assert os.stat(path).st_mtime_ns == mtime
-    assert json.loads((out / "suite.json").read_text())["suite_fingerprint"] == manifest["suite_fingerprint"]
+    assert json.loads((out / "suite_hopper.json").read_text())["suite_fingerprint"] == manifest["suite_fingerprint"]
     with pytest.raises(DatasetError, match="other settings"):
         make_suite("hopper", SIZE + 1, out, sac_run.out, seed=7, progress=False)
 
