@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -131,6 +132,22 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def _end_interrupted(tracker: Any, status: str, reason: str) -> None:
+    """Mark the tracked run ended after the run stopped by an exception, never masking that exception.
+
+    A SIGTERM can land inside one of MLflow's own SQLite transactions (the handler raises ``Terminated`` from
+    wherever the process is); that connection then still holds the write lock, so marking the run KILLED can fail
+    with "database is locked". The kill must still end the process as a kill (exit 143) with its checkpoint kept,
+    so a failure here is one warning: the run's status stays RUNNING and ``--resume`` continues it as usual.
+    """
+    try:
+        tracker.end(status, reason)
+    except Exception as e:  # the original exception is what the caller re-raises
+        logging.getLogger(__name__).warning("could not mark the MLflow run %s (%s: %s); it stays RUNNING and "
+                                            "--resume continues it", status, type(e).__name__,
+                                            str(e).splitlines()[0] if str(e) else "")
+
+
 def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str | Path | None = None,
           progress: bool = True, extra_reporter: Reporter | None = None, parent_run_id: str | None = None,
           run_dir: str | Path | None = None, mlflow_run_id: str | None = None) -> TrainSummary:
@@ -198,12 +215,12 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
                                         resume=plan.checkpoint if plan is not None else None, progress=progress,
                                         on_start=info.update)
         except RunFailed as e:
-            tracker.end("FAILED", str(e))
+            _end_interrupted(tracker, "FAILED", str(e))
             raise
         except BaseException as e:
             # Ctrl-C, SIGTERM and Tune stopping a trial (SystemExit from tune.report) are kills, not failures.
             killed = isinstance(e, (KeyboardInterrupt, SystemExit))
-            tracker.end("KILLED" if killed else "FAILED", f"{type(e).__name__}: {e}".rstrip(": "))
+            _end_interrupted(tracker, "KILLED" if killed else "FAILED", f"{type(e).__name__}: {e}".rstrip(": "))
             last = _latest_checkpoint(run_dir)
             if killed and last is not None:
                 e.resume_hint = f"checkpoint {last} kept; continue with --resume {run_dir}"  # type: ignore[attr-defined]

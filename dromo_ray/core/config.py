@@ -100,6 +100,10 @@ class DynamicsConfig:
     sigma. The calibration error is measured and logged either way (``dynamics/calibration_error_*``)."""
     num_trainers: int = 1
     """Ray actors that train members in parallel (members are split among them, then merged)."""
+    cache_dir: str = ""
+    """Keep trained ensembles here by a content key (dataset rows, split, every other dynamics setting, seed,
+    torch threads: ``dromo_ray/runtime/dynamics_cache.py``); a run whose key is there loads that ensemble instead
+    of training it (``dynamics/cached`` = 1). Empty: no cache, every run trains its own."""
 
     def layer_weight_decays(self) -> tuple[float, ...]:
         """The decay of every linear layer, input layer first: ``len(hidden_dims) + 1`` values."""

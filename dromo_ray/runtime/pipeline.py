@@ -23,6 +23,7 @@ import torch
 
 from dromo_ray.core.config import ExperimentConfig
 from dromo_ray.core.envs import get_env_spec
+from dromo_ray.runtime import dynamics_cache
 from dromo_ray.runtime.actors import (
     BehaviorFitActor,
     DynamicsActor,
@@ -67,26 +68,39 @@ def train_dynamics_stage(cfg: ExperimentConfig, dataset_ref: Any, dataset: Any, 
     train_idx, holdout_idx = dynamics.holdout_split(n, cfg.dynamics, rng)
     dynamics_class = roles.dynamics.actor_class(DynamicsActor)
     parts = split_members(cfg.dynamics.ensemble_size, cfg.dynamics.num_trainers)
-    trainers = [dynamics_class.remote(spec.obs_dim, spec.act_dim, cfg.dynamics, k, cfg.seed * 7919 + i,
-                                      cfg.runtime.torch_threads) for i, k in enumerate(parts)]
+    arrays = dataset_arrays(dataset)
+    cache_dir = cfg.dynamics.cache_dir
+    key = dynamics_cache.cache_key(cfg, env_key, arrays, holdout_idx) if cache_dir else ""
+    hit = dynamics_cache.load_cached(cache_dir, key) if cache_dir else None
     t0 = time.perf_counter()
-    fits = [t.fit.remote(dataset_ref, train_idx, holdout_idx) for t in trainers]
+    trainers, fits = [], []
+    if hit is None:
+        trainers = [dynamics_class.remote(spec.obs_dim, spec.act_dim, cfg.dynamics, k, cfg.seed * 7919 + i,
+                                          cfg.runtime.torch_threads) for i, k in enumerate(parts)]
+        fits = [t.fit.remote(dataset_ref, train_idx, holdout_idx) for t in trainers]
     behavior_ref = None
     if cfg.agent.needs_behavior_policy():
         fitter = roles.behavior_fit.actor_class(BehaviorFitActor).remote(cfg.runtime.torch_threads)
         behavior_ref = fitter.fit.remote(dataset_ref, behavior_hidden(cfg.agent), behavior_steps(n), cfg.seed)
-    results = ray.get(fits)
-    models = [dynamics_from_state(r["state"], spec.obs_dim, spec.act_dim, cfg.dynamics) for r in results]
-    losses = [np.asarray(r["holdout_losses"]) for r in results]
-    model = dynamics.merge_ensembles(models, losses, cfg.dynamics.num_elites)
-    metrics: dict[str, float] = {"dynamics/train_s": time.perf_counter() - t0}
-    all_losses = np.concatenate(losses)
-    metrics["dynamics/holdout_mse"] = float(all_losses.mean())
-    metrics["dynamics/holdout_mse_elites"] = float(np.sort(all_losses)[: cfg.dynamics.num_elites].mean())
-    metrics["dynamics/epochs"] = float(np.mean([r["metrics"].get("dynamics/epochs", 0) for r in results]))
-    metrics["dynamics/train_rows_per_s"] = float(sum(r["metrics"].get("dynamics/train_rows_per_s", 0)
-                                                     for r in results))
-    arrays = dataset_arrays(dataset)
+    if hit is not None:
+        model = dynamics_from_state(hit["state"], spec.obs_dim, spec.act_dim, cfg.dynamics)
+        metrics: dict[str, float] = {**hit["metrics"], "dynamics/cached": 1.0,
+                                     "dynamics/load_s": time.perf_counter() - t0}
+    else:
+        results = ray.get(fits)
+        models = [dynamics_from_state(r["state"], spec.obs_dim, spec.act_dim, cfg.dynamics) for r in results]
+        losses = [np.asarray(r["holdout_losses"]) for r in results]
+        model = dynamics.merge_ensembles(models, losses, cfg.dynamics.num_elites)
+        metrics = {"dynamics/train_s": time.perf_counter() - t0}
+        all_losses = np.concatenate(losses)
+        metrics["dynamics/holdout_mse"] = float(all_losses.mean())
+        metrics["dynamics/holdout_mse_elites"] = float(np.sort(all_losses)[: cfg.dynamics.num_elites].mean())
+        metrics["dynamics/epochs"] = float(np.mean([r["metrics"].get("dynamics/epochs", 0) for r in results]))
+        metrics["dynamics/train_rows_per_s"] = float(sum(r["metrics"].get("dynamics/train_rows_per_s", 0)
+                                                         for r in results))
+        if cache_dir:  # before appendix A's calibration touches var_scale (recomputed below on a hit too)
+            dynamics_cache.store(cache_dir, key, model.state_dict(), [h.tolist() for h in losses], metrics)
+            metrics["dynamics/cached"] = 0.0
     inputs, targets = dynamics.make_inputs_targets(arrays.obs, arrays.act, arrays.next_obs, arrays.rew)
     # Appendix A: calibration error of the elite mixture on holdout, before/after a per-dim variance scale.
     cal = recalibrate(model, inputs[holdout_idx], targets[holdout_idx])

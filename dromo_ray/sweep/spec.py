@@ -246,6 +246,8 @@ def _compose_cells(f: SweepFile, sweep_dir: Path, check_datasets: bool) -> dict[
                 raise ConfigError(f"{where}: {e}" if where else str(e)) from None
             config = to_dict(cfg)
             config["out_dir"] = str(Path(cfg.out_dir).expanduser().resolve())
+            if cfg.dynamics.cache_dir:  # one absolute place for every trial, whatever directory a trial runs in
+                config["dynamics"]["cache_dir"] = str(Path(cfg.dynamics.cache_dir).expanduser().resolve())
             if check_datasets:
                 key = f"datasets[{i}].dataset" if entry is not None else (f"{where}: data.dataset" if where
                                                                            else "data.dataset")

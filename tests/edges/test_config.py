@@ -244,8 +244,9 @@ def test_every_task_config_has_a_snapshot_and_every_snapshot_a_task():
     assert {f.stem for f in TUNE.glob("*.yaml")} == set(_snapshot())
 
 
-FIELDS_ADDED_SINCE_SNAPSHOT = {"agent.update_mode": "auto", "rollout.mode": "workers"}
-"""Config fields that came after the snapshot (the GPU learner's, issue 14), with the default every task keeps."""
+FIELDS_ADDED_SINCE_SNAPSHOT = {"agent.update_mode": "auto", "rollout.mode": "workers", "dynamics.cache_dir": ""}
+"""Config fields that came after the snapshot (the GPU learner's, issue 14; the dynamics cache, issue 13), with the
+default every task keeps."""
 
 
 @pytest.mark.parametrize("stem", sorted(_snapshot()))

@@ -343,3 +343,23 @@ def test_sigterm_is_a_clean_kill_and_resume_by_name_finishes(tiny_hopper_hdf5, t
     assert f"{step + 25} updates (25 in this session, resumed at step {step}" in done, done
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+
+
+def test_a_kill_stays_a_kill_when_the_store_cannot_mark_it(caplog):
+    """SIGTERM inside one of MLflow's SQLite transactions leaves the store locked for this process; marking the run
+    KILLED then fails, and that failure must not replace the kill (exit 143, checkpoint kept) by another error."""
+    from dromo_ray.train import _end_interrupted
+
+    class LockedTracker:
+        calls: list[tuple[str, str]] = []
+
+        def end(self, status, reason):
+            self.calls.append((status, reason))
+            raise RuntimeError("(sqlite3.OperationalError) database is locked\n(Background on this error ...)")
+
+    tracker = LockedTracker()
+    with caplog.at_level("WARNING", logger="dromo_ray.train"):
+        _end_interrupted(tracker, "KILLED", "Terminated")  # returns: the caller re-raises the kill itself
+    assert tracker.calls == [("KILLED", "Terminated")]
+    assert "could not mark the MLflow run KILLED" in caplog.text and "database is locked" in caplog.text
+    assert "Background" not in caplog.text  # one line, not the store's traceback

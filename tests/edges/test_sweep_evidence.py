@@ -95,6 +95,9 @@ def test_evidence_sweep_validates_without_its_datasets(evidence, tmp_path, monke
             expected = load_config(_task(Path(base).stem), {**raw["arms"][arm].get("set", {}), **common,
                                                             "data.dataset": ds, "data.env": env})
             expected.out_dir = cfg.out_dir
+            # every trial shares one ensemble cache, made absolute from where the sweep starts
+            assert cfg.dynamics.cache_dir == str(Path(common["dynamics.cache_dir"]).resolve())
+            expected.dynamics.cache_dir = cfg.dynamics.cache_dir
             assert cfg == expected, (arm, ds)
             assert (cfg.agent.algorithm, cfg.data.env, cfg.data.dataset) == (algo, env, ds)
             t = cfg.train
