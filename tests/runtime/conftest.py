@@ -4,6 +4,7 @@
 from pathlib import Path
 
 import pytest
+import ray
 
 HERE = Path(__file__).resolve().parent
 
@@ -12,3 +13,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A 2-CPU local Ray for one test module, shut down after it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

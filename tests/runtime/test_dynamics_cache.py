@@ -18,13 +18,6 @@ TINY = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks" / "tiny_ho
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_two_cpus():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def _stage(dataset_path: Path, *overrides: str):
     from dromo_ray.data.load import load_dataset
 
@@ -39,7 +32,7 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cache_hit_is_the_ensemble_the_run_would_train(ray_two_cpus, tiny_hopper_hdf5, tmp_path):
+def test_cache_hit_is_the_ensemble_the_run_would_train(ray_local, tiny_hopper_hdf5, tmp_path):
     cache = tmp_path / "cache"
     first, rng1 = _stage(tiny_hopper_hdf5, f"dynamics.cache_dir={cache}")
     assert first["metrics"]["dynamics/cached"] == 0.0 and "dynamics/train_s" in first["metrics"]

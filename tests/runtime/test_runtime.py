@@ -17,13 +17,6 @@ TINY = Path(__file__).resolve().parents[2] / "tune_configs" / "tasks" / "tiny_ho
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_cfg(dataset: Path, tmp: Path, *extra: str):
     return load_config(TINY, [f"data.dataset={dataset}", f"out_dir={tmp}", *extra])
 
