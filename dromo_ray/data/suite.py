@@ -271,6 +271,11 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
     if unknown:
         raise DatasetError(str(out), f"unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
     out = Path(out)
+    if "medium-expert" in parts:  # refuse before writing any part, not after the first ones
+        for need in ("medium", "expert"):
+            if need not in parts and not d4rl_path(out, spec.key, need).exists():
+                raise DatasetError(str(out), f"medium-expert needs the {need} part; add it to --parts "
+                                   f"(or make it first)")
     unavailable: list[str] = []
     if policies is None:  # the policies shipped with the package
         index, unavailable = shipped_index(spec.key, shipped_dir)
@@ -365,7 +370,8 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
         # medium-expert
         for need in ("medium", "expert"):
             if not d4rl_path(out, spec.key, need).exists():
-                raise DatasetError(str(out), f"medium-expert needs the {need} part; make it first (--parts)")
+                raise DatasetError(str(out), f"medium-expert needs the {need} part; add it to --parts "
+                                   "(or make it first)")
         med = read_d4rl(d4rl_path(out, spec.key, "medium"), env=spec.key)
         exp = read_d4rl(d4rl_path(out, spec.key, "expert"), env=spec.key)
         ds = concat_datasets(med, exp, source="suite:medium-expert")

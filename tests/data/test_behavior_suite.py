@@ -347,3 +347,13 @@ def test_full_size_hopper_suite(tmp_path):
     assert scores == sorted(scores)
     assert not ray.is_initialized()
     assert Path(manifest["parts"]["expert"]["d4rl"]).exists()
+
+
+def test_medium_expert_without_medium_is_refused_before_anything_is_written(tmp_path):
+    from dromo_ray.data.suite import make_suite
+    from dromo_ray.errors import DatasetError
+
+    out = tmp_path / "suite"
+    with pytest.raises(DatasetError, match="medium-expert needs the medium part; add it to --parts"):
+        make_suite("hopper", 100, out, parts=("expert", "medium-expert"), progress=False)
+    assert not out.exists() or not any(out.rglob("*"))  # the expert part was not collected first
