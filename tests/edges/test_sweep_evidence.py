@@ -101,7 +101,7 @@ def test_evidence_sweep_validates_without_its_datasets(evidence, tmp_path, monke
             assert cfg == expected, (arm, ds)
             assert (cfg.agent.algorithm, cfg.data.env, cfg.data.dataset) == (algo, env, ds)
             t = cfg.train
-            assert (t.eval_interval, t.eval_episodes, t.final_score_last_n) == (2500, 10, 4)
+            assert (t.eval_interval, t.eval_episodes, t.final_score_last_n) == (500, 10, 4)
             budgets.add(t.total_steps)
     assert budgets == {common["train.total_steps"]}  # the same learner-update budget for every arm
     alpha = {a: spec.config_obj({ARM_KEY: a, DATASET_KEY: "hopper-medium-v5"}).agent.alpha for a in ARMS}
