@@ -274,3 +274,75 @@ def evaluate_checkpoint(path: str | Path, episodes: int = 10, seed: int = 12345)
     return {"env": env_key, "episodes": episodes, "return_mean": float(res.mean_return),
             "return_std": float(np.std(res.returns)), "normalized_score": float(res.mean_normalized),
             "episode_length_mean": float(np.mean(res.lengths))}
+
+
+def value_check(path: str | os.PathLike[str], episodes: int = 5, seed: int = 12345, tail: int = 500
+                ) -> dict[str, Any]:
+    """The critic of a checkpoint against the real return of its policy: the check of the lower-bound claim
+    (the seed paper's Theorem: DROMO's Q̂ lies below the true Q^π on the states π visits).
+
+    Runs ``episodes`` episodes of the checkpoint's deterministic policy μ in the real env and compares, at every
+    visited state s_t whose return is known (all t of a terminated episode; t < T - ``tail`` of a truncated one,
+    where gamma^tail bounds the missing part), the critic's Q(s_t, μ(s_t)) -- the minimum over its members, the
+    value the agent backs up, and their mean -- with the Monte-Carlo return G_t = sum_k gamma^k r_{t+k}
+    (:func:`~dromo_ray.core.scores.discounted_tail_returns`). A soft backup (``agent.deterministic_backup``
+    false) makes Q also count the entropy bonus alpha * H(pi) of the later steps, about
+    gamma / (1 - gamma) * alpha * H; it is estimated at the same states (H from one action drawn per state) and
+    reported as ``entropy_bonus``, so that ``q_min - entropy_bonus`` is the number to set against G.
+    """
+    import numpy as np
+    import torch
+
+    from dromo_ray.core.nets import TwinCritic
+    from dromo_ray.core.scores import discounted_tail_returns
+    from dromo_ray.data.gym_env import record_episodes
+    from dromo_ray.errors import CheckpointError
+    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
+
+    if episodes < 1 or tail < 0:
+        raise UserError(f"value check: episodes must be >= 1 and tail >= 0 (got {episodes}, {tail})")
+    actor, env_key, state = load_policy_from_checkpoint(path)
+    agent_cfg, agent_state = state["config"]["agent"], state["learner"]["agent"]
+    try:
+        weights = {k: torch.as_tensor(v) for k, v in agent_state["critic"].items()}
+        num_q = int(next(iter(weights.values())).shape[0])  # EnsembleMLP: one leading row per member
+        critic = TwinCritic(actor.obs_dim, actor.act_dim, tuple(agent_cfg["hidden_dims"]), num_q=num_q)
+        critic.load_state_dict(weights)
+    except (KeyError, RuntimeError, StopIteration) as e:
+        raise CheckpointError(f"{state['path']}: no critic in this checkpoint ({e})") from None
+    gamma = float(agent_cfg["gamma"])
+    ent_coef = float(np.exp(np.asarray(agent_state["log_ent_coef"], dtype=np.float64)))
+    soft = not bool(agent_cfg.get("deterministic_backup", False))
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+    eps = record_episodes(act, env_key, episodes=episodes, seed=seed)
+    obs_rows, returns = [], []
+    for ep in eps:
+        g = discounted_tail_returns(ep.rewards, gamma)
+        keep = len(g) if ep.terminated else max(0, len(g) - tail)
+        obs_rows.append(ep.observations[:keep])
+        returns += g[:keep]
+    if not returns:
+        raise UserError(f"value check: no state with a known return (episodes of {min(len(e.rewards) for e in eps)} "
+                        f"steps, tail {tail}); lower --tail")
+    with torch.no_grad():
+        obs = torch.as_tensor(np.concatenate(obs_rows), dtype=torch.float32)
+        q = critic(obs, actor(obs))  # (num_q, N)
+        gen = torch.Generator().manual_seed(seed)
+        _, logp = actor.sample(obs, generator=gen)
+    entropy = float(-logp.mean())
+    bonus = gamma / (1.0 - gamma) * ent_coef * entropy if soft else 0.0
+    g = np.asarray(returns, dtype=np.float64)
+    q_min = float(q.min(0).values.mean())
+    return {
+        "env": env_key, "algorithm": agent_cfg["algorithm"], "step": int(state["driver"]["step"]),
+        "episodes": len(eps), "states": int(g.size), "gamma": gamma,
+        "episode_return_mean": float(np.mean([e.rewards.sum() for e in eps])),
+        "mc_return_mean": float(g.mean()), "q_min_mean": q_min, "q_mean_mean": float(q.mean(0).mean()),
+        "soft_backup": soft, "entropy_coef": ent_coef, "policy_entropy": entropy, "entropy_bonus": bonus,
+        "q_min_minus_bonus": q_min - bonus,
+        "lower_bound_holds": bool(q_min - bonus <= float(g.mean())),
+    }

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--values", action="store_true",
+                   help="also set the critic's Q(s, mu(s)) against the Monte-Carlo return at the visited states "
+                        "(the lower-bound check; deterministic policy)")
+    p.add_argument("--tail", type=int, default=500,
+                   help="with --values: a truncated episode's last TAIL states are left out (their return is cut)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("train", "cmd_evaluate"))
 

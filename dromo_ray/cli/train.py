@@ -53,15 +53,26 @@ def print_summary(summary: TrainSummary, as_json: bool) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dromo_ray.core.threads import set_torch_threads
-    from dromo_ray.train import evaluate_checkpoint
+    from dromo_ray.train import evaluate_checkpoint, value_check
 
     if args.episodes < 1:
         raise UserError(f"--episodes: expected a positive integer, got {args.episodes}")
+    if args.tail < 0:
+        raise UserError(f"--tail: expected a non-negative integer, got {args.tail}")
     set_torch_threads(1)
     out = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed)
+    if args.values:
+        out["values"] = value_check(args.checkpoint, episodes=args.episodes, seed=args.seed, tail=args.tail)
     if args.json:
         print(json.dumps(out, indent=2))
-    else:
-        print(f"{out['env']}: return {out['return_mean']:.1f} ± {out['return_std']:.1f} over {out['episodes']} "
-              f"episodes, normalized score {out['normalized_score']:.2f}")
+        return 0
+    print(f"{out['env']}: return {out['return_mean']:.1f} ± {out['return_std']:.1f} over {out['episodes']} "
+          f"episodes, normalized score {out['normalized_score']:.2f}")
+    if args.values:
+        v = out["values"]
+        soft = (f" - entropy bonus {v['entropy_bonus']:.1f} (soft backup, alpha {v['entropy_coef']:.3g}) = "
+                f"{v['q_min_minus_bonus']:.1f}" if v["soft_backup"] else "")
+        print(f"values at {v['states']} visited states (gamma {v['gamma']}): Q(s, mu(s)) min {v['q_min_mean']:.1f} "
+              f"(mean of members {v['q_mean_mean']:.1f}){soft}; Monte-Carlo return {v['mc_return_mean']:.1f}; "
+              f"lower bound {'holds' if v['lower_bound_holds'] else 'violated'}")
     return 0

@@ -150,6 +150,46 @@ def evaluate_policy(act_fn: ActFn, env_key: str, episodes: int, seed: int, max_e
     return EvalResult(returns, lengths, normalized, float(returns.mean()), float(normalized.mean()))
 
 
+@dataclass(frozen=True)
+class Episode:
+    """One episode of a policy in the real environment: observations (T, D_o) (s_0 .. s_{T-1}), actions
+    (T, D_a), rewards (T,); ``terminated`` when it ended in a terminal state (else truncated at the step limit)."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: bool
+
+
+def record_episodes(act_fn: ActFn, env_key: str, episodes: int, seed: int,
+                    max_episode_steps: int = 1000) -> list[Episode]:
+    """Run ``episodes`` whole episodes of ``act_fn`` one after another in one environment (episode i reset with
+    ``seed + i``) and keep every step, for checks that need the states and rewards themselves (a critic's value
+    against the return that followed). Deterministic given ``seed`` when ``act_fn`` is."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    spec = env_spec(env_key)
+    env = gym_make(spec, max_episode_steps)
+    low, high = env.action_space.low, env.action_space.high
+    out: list[Episode] = []
+    try:
+        for i in range(int(episodes)):
+            obs, _ = env.reset(seed=int(seed) + i)
+            o, a, r = [], [], []
+            while True:
+                act = _actions(act_fn, obs[None], spec.act_dim, low, high)[0]
+                o.append(np.asarray(obs, dtype=np.float32))
+                a.append(act.astype(np.float32))
+                obs, rew, term, trunc, _ = env.step(act)
+                r.append(float(rew))
+                if term or trunc:
+                    break
+            out.append(Episode(np.stack(o), np.stack(a), np.asarray(r, dtype=np.float64), bool(term)))
+    finally:
+        env.close()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Collection
 
