@@ -11,12 +11,19 @@ Protocol (the same for every algorithm, stated in every table written):
 - Runs are grouped by (algorithm, dataset, variant), where the variant is what a sweep searched besides the
   seed (the ``sweep.variant`` tag; empty for plain ``train`` runs). A group's entry is the mean ± standard
   deviation over its runs (its seeds); the standard deviation is the population one (numpy's default, ddof=0).
+- Beside the score: the return (``final/return``, the same last N evaluations), the behaviour score of the dataset
+  (the D4RL normalized score of its own episodes, read from the dataset file the run names in ``data.dataset``
+  when that file is on this machine), the learner updates the score was logged at, the wall time
+  (``perf/total_wall_s``) and the learner's device (the ``learner_device`` tag).
 - Learning curves plot ``eval/normalized_score`` against learner updates: per group the mean over runs at each
   evaluated step, shaded ± one standard deviation. A step logged twice (a resumed run repeats the updates after
   its last checkpoint) counts once, with its latest value.
+- DROMO's diagnostic ``train/variance_to_bellman`` (Eq. 13's variance term over the Bellman term, per logged
+  update) is plotted per dataset on a log scale and tabulated at the first, middle and last logged step.
 
-Outputs in ``--out``: ``results.md``, ``results.csv`` and ``curves_<dataset>.png``; when every counted run belongs
-to one sweep, the same files are logged as artifacts of the sweep's parent run (under ``report/``).
+Outputs in ``--out``: ``results.md``, ``results.csv``, ``curves_<dataset>.png`` and ``variance_<dataset>.png``; when
+every counted run belongs to one sweep, the same files are logged as artifacts of the sweep's parent run (under
+``report/``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 SCORE_KEY = "final/normalized_score"
+RETURN_KEY = "final/return"
+WALL_KEY = "perf/total_wall_s"
 CURVE_KEY = "eval/normalized_score"
+VARIANCE_KEY = "train/variance_to_bellman"
 ARTIFACT_DIR = "report"
 
 
@@ -45,6 +55,13 @@ class RunRecord:
     last_n: str
     parent_run_id: str | None
     curve: list[tuple[int, float]] = field(default_factory=list)
+    final_return: float = math.nan
+    updates: int | None = None
+    """The learner step ``final/normalized_score`` was logged at: the run's last update."""
+    wall_s: float = math.nan
+    device: str = "?"
+    dataset_path: str = ""
+    variance_ratio: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +78,12 @@ class Row:
     last_n: str
     scores: list[float]
     run_ids: list[str]
+    return_mean: float = math.nan
+    behavior_score: float = math.nan
+    """The dataset's own D4RL normalized score (NaN when its file is not on this machine)."""
+    updates: str = "?"
+    wall_s_mean: float = math.nan
+    device: str = "?"
 
     def label(self) -> str:
         return f"{self.algorithm} [{self.variant}]" if self.variant else self.algorithm
@@ -101,10 +124,11 @@ def _search_all(client: Any, experiment_id: str) -> list[Any]:
             return runs
 
 
-def _curve(client: Any, run_id: str) -> list[tuple[int, float]]:
-    """eval/normalized_score by step; a step logged twice keeps its latest value (by timestamp)."""
+def _curve(client: Any, run_id: str, key: str = CURVE_KEY) -> list[tuple[int, float]]:
+    """A metric by step (eval/normalized_score by default); a step logged twice keeps its latest value (by
+    timestamp)."""
     latest: dict[int, tuple[int, float]] = {}
-    for m in client.get_metric_history(run_id, CURVE_KEY):
+    for m in client.get_metric_history(run_id, key):
         if m.step not in latest or m.timestamp >= latest[m.step][0]:
             latest[m.step] = (m.timestamp, float(m.value))
     return [(s, v) for s, (_, v) in sorted(latest.items())]
@@ -127,17 +151,50 @@ def collect_runs(client: Any, experiment_id: str) -> tuple[list[RunRecord], list
         if score is None or math.isnan(score):
             excluded.append({"run_id": run.info.run_id, "run_name": name, "reason": f"no {SCORE_KEY}"})
             continue
+        final = client.get_metric_history(run.info.run_id, SCORE_KEY)
         records.append(RunRecord(
             run_id=run.info.run_id, algorithm=tags["algorithm"], dataset=tags.get("dataset", "?"),
             variant=tags.get("sweep.variant", ""), seed=tags.get("seed", "?"), score=float(score),
             last_n=run.data.params.get("train.final_score_last_n", "?"),
-            parent_run_id=tags.get("mlflow.parentRunId"), curve=_curve(client, run.info.run_id)))
+            parent_run_id=tags.get("mlflow.parentRunId"), curve=_curve(client, run.info.run_id),
+            final_return=float(metrics.get(RETURN_KEY, math.nan)),
+            updates=int(max(final, key=lambda m: m.timestamp).step) if final else None,
+            wall_s=float(metrics.get(WALL_KEY, math.nan)), device=tags.get("learner_device", "?"),
+            dataset_path=run.data.params.get("data.dataset", ""),
+            variance_ratio=_curve(client, run.info.run_id, VARIANCE_KEY) if VARIANCE_KEY in metrics else []))
     return records, excluded
 
 
-def summarize(records: list[RunRecord]) -> list[Row]:
+def behavior_scores(records: list[RunRecord]) -> dict[str, float]:
+    """dataset tag -> the D4RL normalized score of the dataset's own episodes, for every dataset whose file (the
+    runs' ``data.dataset`` parameter) is on this machine; read once per file."""
+    from dromo_ray.data.info import dataset_info
+    from dromo_ray.data.load import load_dataset
+
+    out: dict[str, float] = {}
+    for r in records:
+        if r.dataset in out or not r.dataset_path or not Path(r.dataset_path).is_file():
+            continue
+        try:
+            out[r.dataset] = float(dataset_info(load_dataset(r.dataset_path))["normalized_score"])
+        except Exception:  # noqa: BLE001 - an unreadable file leaves the column empty, never fails the report
+            continue
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _one(values: set[str]) -> str:
+    return values.pop() if len(values) == 1 else ("mixed" if values else "?")
+
+
+def summarize(records: list[RunRecord], behavior: dict[str, float] | None = None) -> list[Row]:
     import numpy as np
 
+    behavior = behavior or {}
     groups: dict[tuple[str, str, str], list[RunRecord]] = {}
     for r in records:
         groups.setdefault((r.algorithm, r.dataset, r.variant), []).append(r)
@@ -148,7 +205,11 @@ def summarize(records: list[RunRecord]) -> list[Row]:
         last_ns = {r.last_n for r in rs}
         rows.append(Row(algo, ds, variant, len(rs), [r.seed for r in rs], float(scores.mean()), float(scores.std()),
                         float(scores.min()), float(scores.max()), last_ns.pop() if len(last_ns) == 1 else "mixed",
-                        [float(s) for s in scores], [r.run_id for r in rs]))
+                        [float(s) for s in scores], [r.run_id for r in rs],
+                        return_mean=_mean([r.final_return for r in rs]),
+                        behavior_score=behavior.get(ds, math.nan),
+                        updates=_one({str(r.updates) for r in rs if r.updates is not None}),
+                        wall_s_mean=_mean([r.wall_s for r in rs]), device=_one({r.device for r in rs})))
     rows.sort(key=lambda r: (r.dataset, -r.mean, r.algorithm, r.variant))
     return rows
 
@@ -161,16 +222,34 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def write_markdown(rows: list[Row], path: Path, experiment: str, excluded: list[dict[str, str]]) -> Path:
+def _f(x: float, fmt: str) -> str:
+    return "-" if math.isnan(x) else format(x, fmt)
+
+
+def variance_points(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The first, middle and last logged (step, variance term / Bellman term) of a run."""
+    if not curve:
+        return []
+    idx = sorted({0, len(curve) // 2, len(curve) - 1})
+    return [curve[i] for i in idx]
+
+
+def write_markdown(rows: list[Row], path: Path, experiment: str, excluded: list[dict[str, str]],
+                   records: list[RunRecord] | None = None) -> Path:
     lines = [f"# Results: MLflow experiment `{experiment}`", "",
              "Score of a run: its `final/normalized_score`, the mean D4RL normalized score of its last N evaluations "
              "(N = `train.final_score_last_n`), never the best one. Entries: mean ± standard deviation over runs "
-             "(seeds; population std, ddof=0). Only FINISHED runs count.", "",
-             "| algorithm | dataset | variant | runs | seeds | N | normalized score | min | max |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+             "(seeds; population std, ddof=0). Only FINISHED runs count. Return: `final/return` (the same "
+             "evaluations); behaviour: the dataset's own episodes, D4RL normalized; updates: learner updates at the "
+             "score; wall: the run's wall time, mean over runs.", "",
+             "| algorithm | dataset | variant | runs | seeds | N | normalized score | return | behaviour | updates "
+             "| wall (min) | device | min | max |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.algorithm} | {r.dataset} | {r.variant or '-'} | {r.n} | {', '.join(r.seeds)} | "
-                     f"{r.last_n} | {_pm(r.mean, r.std)} | {r.min:.2f} | {r.max:.2f} |")
+                     f"{r.last_n} | {_pm(r.mean, r.std)} | {_f(r.return_mean, '.1f')} | "
+                     f"{_f(r.behavior_score, '.2f')} | {r.updates} | {_f(r.wall_s_mean / 60.0, '.1f')} | "
+                     f"{r.device} | {r.min:.2f} | {r.max:.2f} |")
     datasets = sorted({r.dataset for r in rows})
     labels = sorted({r.label() for r in rows})
     if rows and len(labels) > 1:
@@ -179,6 +258,15 @@ def write_markdown(rows: list[Row], path: Path, experiment: str, excluded: list[
                   "|---|" + "---:|" * len(labels)]
         for ds in datasets:
             lines.append(f"| {ds} | " + " | ".join(cell.get((ds, lab), "-") for lab in labels) + " |")
+    with_ratio = [r for r in records or [] if r.variance_ratio]
+    if with_ratio:
+        lines += ["", f"## DROMO: variance term / Bellman term (`{VARIANCE_KEY}`)", "",
+                  "At the first, middle and last logged update of each run.", "",
+                  "| run | dataset | seed | step: ratio |", "|---|---|---|---|"]
+        for r in sorted(with_ratio, key=lambda r: (r.dataset, r.algorithm, r.variant, _seed_key(r.seed))):
+            pts = ", ".join(f"{s}: {v:.3g}" for s, v in variance_points(r.variance_ratio))
+            label = f"{r.algorithm} [{r.variant}]" if r.variant else r.algorithm
+            lines.append(f"| {label} | {r.dataset} | {r.seed} | {pts} |")
     if excluded:
         lines += ["", f"## Excluded runs ({len(excluded)})", ""]
         lines += [f"- `{e['run_name']}` ({e['run_id']}): {e['reason']}" for e in excluded]
@@ -190,11 +278,12 @@ def write_csv(rows: list[Row], path: Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "dataset", "variant", "runs", "seeds", "last_n", "mean", "std", "min", "max",
-                    "scores", "run_ids"])
+                    "scores", "run_ids", "return_mean", "behavior_score", "updates", "wall_s_mean", "device"])
         for r in rows:
             w.writerow([r.algorithm, r.dataset, r.variant, r.n, " ".join(r.seeds), r.last_n, repr(r.mean),
                         repr(r.std), repr(r.min), repr(r.max), " ".join(repr(s) for s in r.scores),
-                        " ".join(r.run_ids)])
+                        " ".join(r.run_ids), repr(r.return_mean), repr(r.behavior_score), r.updates,
+                        repr(r.wall_s_mean), r.device])
     return path
 
 
@@ -247,6 +336,34 @@ def plot_curves(records: list[RunRecord], rows: list[Row], out: Path) -> list[Pa
     return paths
 
 
+def plot_variance(records: list[RunRecord], out: Path) -> list[Path]:
+    """``variance_<dataset>.png``: train/variance_to_bellman against learner updates, one line per run (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for ds in sorted({r.dataset for r in records if r.variance_ratio}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for r in sorted((r for r in records if r.dataset == ds and r.variance_ratio),
+                        key=lambda r: (r.algorithm, r.variant, _seed_key(r.seed))):
+            label = (f"{r.algorithm} [{r.variant}]" if r.variant else r.algorithm) + f" s{r.seed}"
+            ax.plot([s for s, _ in r.variance_ratio], [max(v, 1e-12) for _, v in r.variance_ratio], label=label)
+        ax.set_yscale("log")
+        ax.set_title(f"{ds}: DROMO variance term / Bellman term")
+        ax.set_xlabel("learner updates")
+        ax.set_ylabel("variance term / Bellman term")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"variance_{_safe(ds)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "dataset"
 
@@ -263,22 +380,24 @@ def build_report(experiment: str, tracking_uri: str, out: str | Path) -> dict[st
     if not records:
         raise _error(f"--experiment: {experiment!r} has no finished run with {SCORE_KEY} "
                      f"({len(excluded)} excluded: {', '.join(sorted({e['reason'] for e in excluded})) or '-'})")
-    rows = summarize(records)
+    rows = summarize(records, behavior_scores(records))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = write_markdown(rows, out_dir / "results.md", experiment, excluded)
+    md = write_markdown(rows, out_dir / "results.md", experiment, excluded, records)
     table = write_csv(rows, out_dir / "results.csv")
     pngs = plot_curves(records, rows, out_dir)
+    variance_pngs = plot_variance(records, out_dir)
 
     parents = {r.parent_run_id for r in records}
     parent = next(iter(parents)) if len(parents) == 1 else None
     logged_to = None
     if parent:
-        for f in (md, table, *pngs):
+        for f in (md, table, *pngs, *variance_pngs):
             client.log_artifact(parent, str(f), ARTIFACT_DIR)
         logged_to = parent
     return {"experiment": experiment, "tracking_uri": tracking_uri, "rows": [r.to_dict() for r in rows],
-            "excluded": excluded, "files": {"markdown": str(md), "csv": str(table), "curves": [str(p) for p in pngs]},
+            "excluded": excluded, "files": {"markdown": str(md), "csv": str(table), "curves": [str(p) for p in pngs],
+                                                   "variance": [str(p) for p in variance_pngs]},
             "artifacts_run_id": logged_to,
             "note": None if parent or len(parents) == 1 else
             f"runs come from {len(parents)} parents (sweeps or plain train runs); artifacts not logged"}

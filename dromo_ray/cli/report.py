@@ -16,7 +16,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     print(Path(rep["files"]["markdown"]).read_text())
     print(f"wrote {rep['files']['markdown']}, {rep['files']['csv']}"
-          + "".join(f", {p}" for p in rep["files"]["curves"]))
+          + "".join(f", {p}" for p in rep["files"]["curves"] + rep["files"]["variance"]))
     if rep["artifacts_run_id"]:
         print(f"logged as artifacts ({ARTIFACT_DIR}/) of the sweep's parent run {rep['artifacts_run_id']}")
     elif rep["note"]:

@@ -25,7 +25,7 @@ def _uri(tmp_path: Path) -> str:
 
 
 def _log_run(client: MlflowClient, exp_id: str, algo: str, dataset: str, seed: int, score: float, parent: str | None,
-             status: str = "FINISHED", variant: str | None = None) -> str:
+             status: str = "FINISHED", variant: str | None = None, dataset_path: str | None = None) -> str:
     tags = {"algorithm": algo, "dataset": dataset, "env": dataset.split("_")[0], "seed": str(seed)}
     if parent:
         tags |= {"mlflow.parentRunId": parent, "sweep.role": "trial"}
@@ -38,20 +38,31 @@ def _log_run(client: MlflowClient, exp_id: str, algo: str, dataset: str, seed: i
     # updates after its last checkpoint): the later value (timestamp) must win.
     evals = [(100, score - 20.0, ts), (200, -999.0, ts), (200, score - 10.0, ts + 5), (300, score, ts + 10)]
     client.log_batch(run_id, metrics=[Metric("eval/normalized_score", v, t, s) for s, v, t in evals])
+    if algo == "dromo":  # Eq. 13's variance term over the Bellman term, at every logged update
+        client.log_batch(run_id, metrics=[Metric("train/variance_to_bellman", v, ts, s)
+                                          for s, v in [(50, 8.0), (150, 4.0), (250, 2.0), (300, 1.0)]])
+    if dataset_path is not None:
+        client.log_param(run_id, "data.dataset", dataset_path)
+    client.set_tag(run_id, "learner_device", "cpu")
     if status == "FINISHED":
         client.log_metric(run_id, "final/normalized_score", score, step=300)
+        client.log_metric(run_id, "final/return", 10.0 * score, step=300)
+        client.log_metric(run_id, "perf/total_wall_s", 60.0 * (seed + 1), step=300)
     client.set_terminated(run_id, status=status)
     return run_id
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, tiny_hopper_hdf5):
     client = MlflowClient(tracking_uri=_uri(tmp_path))
     exp_id = client.create_experiment("bench", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp_id, tags={"sweep.role": "parent"}, run_name="sweep-bench").info.run_id
     for (algo, ds), scores in SCORES.items():
         for seed, sc in enumerate(scores):
-            _log_run(client, exp_id, algo, ds, seed, sc, parent)
+            # the hopper runs name a dataset file on this machine (its behaviour score is read from it); the
+            # walker2d run's file is elsewhere
+            path = str(tiny_hopper_hdf5) if ds.startswith("hopper") else "/nowhere/walker2d_medium-v2.hdf5"
+            _log_run(client, exp_id, algo, ds, seed, sc, parent, dataset_path=path)
     # not counted: still running, killed by a scheduler, failed
     _log_run(client, exp_id, "dromo", "hopper_medium-v2", 9, 99.0, parent, status="RUNNING")
     _log_run(client, exp_id, "combo", "hopper_medium-v2", 8, 99.0, parent, status="KILLED")
@@ -59,7 +70,7 @@ def store(tmp_path):
     return client, exp_id, parent
 
 
-def test_table_csv_and_curves_match_the_runs(tmp_path, store):
+def test_table_csv_and_curves_match_the_runs(tmp_path, store, tiny_hopper_hdf5):
     client, _, parent = store
     rep = build_report("bench", _uri(tmp_path), tmp_path / "out")
     rows = {(r["algorithm"], r["dataset"]): r for r in rep["rows"]}
@@ -78,9 +89,26 @@ def test_table_csv_and_curves_match_the_runs(tmp_path, store):
         assert float(csv_rows[key]["std"]) == pytest.approx(np.std(scores), abs=1e-12)
         assert [float(x) for x in csv_rows[key]["scores"].split()] == scores
 
+    # beside the score: the return, the dataset's own behaviour score, the updates, the wall time, the device
+    from dromo_ray.data.info import dataset_info
+    from dromo_ray.data.load import load_dataset
+
+    behavior = dataset_info(load_dataset(str(tiny_hopper_hdf5)))["normalized_score"]
+    assert rows[("dromo", "hopper_medium-v2")]["behavior_score"] == pytest.approx(behavior)
+    assert np.isnan(rows[("dromo", "walker2d_medium-v2")]["behavior_score"])  # its file is not here
+    assert rows[("dromo", "hopper_medium-v2")]["return_mean"] == pytest.approx(500.0)
+    assert rows[("dromo", "hopper_medium-v2")]["wall_s_mean"] == pytest.approx(120.0)  # 60, 120, 180 s
+    assert {r["updates"] for r in rows.values()} == {"300"} and {r["device"] for r in rows.values()} == {"cpu"}
+
     md = Path(rep["files"]["markdown"]).read_text()
-    assert "| dromo | hopper_medium-v2 | - | 3 | 0, 1, 2 | 2 | 50.00 ± 8.16 |" in md
-    assert "| combo | hopper_medium-v2 | - | 2 | 0, 1 | 2 | 32.50 ± 2.50 |" in md
+    assert (f"| dromo | hopper_medium-v2 | - | 3 | 0, 1, 2 | 2 | 50.00 ± 8.16 | 500.0 | {behavior:.2f} | 300 | "
+            "2.0 | cpu | 40.00 | 60.00 |") in md
+    assert "| combo | hopper_medium-v2 | - | 2 | 0, 1 | 2 | 32.50 ± 2.50 | 325.0 |" in md
+    assert "| dromo | walker2d_medium-v2 | - | 1 | 0 | 2 | 70.00 ± 0.00 | 700.0 | - | 300 |" in md
+    # DROMO's variance / Bellman ratio at the first, middle and last logged update, and its plot
+    assert "| dromo | hopper_medium-v2 | 0 | 50: 8, 250: 2, 300: 1 |" in md
+    assert sorted(Path(p).name for p in rep["files"]["variance"]) == ["variance_hopper_medium-v2.png",
+                                                                       "variance_walker2d_medium-v2.png"]
     assert "last N evaluations" in md and "ddof=0" in md and "Excluded runs (2)" in md
 
     pngs = sorted(Path(p).name for p in rep["files"]["curves"])
@@ -91,7 +119,8 @@ def test_table_csv_and_curves_match_the_runs(tmp_path, store):
     assert rep["artifacts_run_id"] == parent
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert logged == {"report/results.md", "report/results.csv", "report/curves_hopper_medium-v2.png",
-                      "report/curves_walker2d_medium-v2.png"}
+                      "report/curves_walker2d_medium-v2.png", "report/variance_hopper_medium-v2.png",
+                      "report/variance_walker2d_medium-v2.png"}
 
 
 def test_curves_dedupe_steps_and_aggregate(tmp_path, store):
