@@ -346,3 +346,78 @@ def value_check(path: str | os.PathLike[str], episodes: int = 5, seed: int = 123
         "q_min_minus_bonus": q_min - bonus,
         "lower_bound_holds": bool(q_min - bonus <= float(g.mean())),
     }
+
+
+def model_error(path: str | os.PathLike[str], episodes: int = 2, seed: int = 12345, horizon: int = 5
+                ) -> dict[str, Any]:
+    """The checkpoint's dynamics ensemble against the real environment, on the states its own policy visits.
+
+    Runs ``episodes`` episodes of the checkpoint's deterministic policy μ in the real env; from every visited
+    state s_t (t + ``horizon`` within the episode) the ensemble replays the real actions a_t .. a_{t+h-1}
+    open-loop, each step with the mean of the elite members' means (MBPO's deterministic prediction, the noise
+    and the member draw of a rollout left out), and is compared with the real s_{t+h}, r_{t+h-1}. Per h = 1 ..
+    ``horizon``: the observation error in units of the dataset's per-dimension std (the model's input
+    normaliser: RMS over dimensions of (ŝ - s) / std), the reward's absolute error, and the elites'
+    predicted reward std at h = 1 beside the real one-step error (is the model's uncertainty the right size?).
+    """
+    import numpy as np
+    import torch
+
+    from dromo_ray.core.config import config_from_dict
+    from dromo_ray.data.gym_env import record_episodes
+    from dromo_ray.errors import CheckpointError
+    from dromo_ray.runtime.actors import dynamics_from_state
+    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
+
+    if episodes < 1 or horizon < 1:
+        raise UserError(f"model error: episodes and horizon must be >= 1 (got {episodes}, {horizon})")
+    actor, env_key, state = load_policy_from_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    if not state["dynamics"]:
+        raise CheckpointError(f"{state['path']}: no dynamics ensemble in this checkpoint "
+                              f"({cfg.agent.algorithm} trains none)")
+    dyn_state = {k: torch.as_tensor(v) for k, v in state["dynamics"].items()}
+    model = dynamics_from_state(dyn_state, actor.obs_dim, actor.act_dim, cfg.dynamics).eval()
+    elites = model.elite_idx
+    obs_std = model.in_std[: actor.obs_dim].clamp_min(1e-6)
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+    eps = record_episodes(act, env_key, episodes=episodes, seed=seed)
+    obs_err = [[] for _ in range(horizon)]
+    rew_err = [[] for _ in range(horizon)]
+    pred_rew_std: list[torch.Tensor] = []
+    all_rewards: list[np.ndarray] = []
+    for ep in eps:
+        t_len = len(ep.rewards)
+        if t_len <= horizon:
+            continue
+        # the real s_{t+h} is row t + h: starts end horizon steps before the episode does
+        starts = np.arange(t_len - horizon)
+        o = torch.as_tensor(ep.observations, dtype=torch.float32)
+        a = torch.as_tensor(ep.actions, dtype=torch.float32)
+        r = torch.as_tensor(ep.rewards, dtype=torch.float32)
+        s_hat = o[starts]
+        with torch.no_grad():
+            for h in range(horizon):
+                mean, var = model.predict(s_hat, a[starts + h], members=elites)  # (K, B, D_o + 1)
+                y = mean.mean(0)
+                if h == 0:
+                    pred_rew_std.append(var[..., -1].sqrt().mean(0))
+                s_hat = s_hat + y[:, : actor.obs_dim]
+                target = o[starts + h + 1]
+                obs_err[h].append((((s_hat - target) / obs_std).square().mean(-1)).sqrt())
+                rew_err[h].append((y[:, -1] - r[starts + h]).abs())
+        all_rewards.append(ep.rewards)
+    if not obs_err[0]:
+        raise UserError(f"model error: every episode is shorter than horizon {horizon}")
+    per_h = [{"h": h + 1, "obs_rmse_std_units": float(torch.cat(obs_err[h]).mean()),
+              "reward_mae": float(torch.cat(rew_err[h]).mean())} for h in range(horizon)]
+    rewards = np.concatenate(all_rewards)
+    return {"env": env_key, "algorithm": cfg.agent.algorithm, "step": int(state["driver"]["step"]),
+            "episodes": len(eps), "starts": int(torch.cat(obs_err[0]).numel()), "horizon": horizon,
+            "per_h": per_h, "predicted_reward_std_h1": float(torch.cat(pred_rew_std).mean()),
+            "real_reward_mean": float(rewards.mean()), "real_reward_std": float(rewards.std()),
+            "episode_return_mean": float(np.mean([e.rewards.sum() for e in eps]))}

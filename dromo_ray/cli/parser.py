@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the lower-bound check; deterministic policy)")
     p.add_argument("--tail", type=int, default=500,
                    help="with --values: a truncated episode's last TAIL states are left out (their return is cut)")
+    p.add_argument("--model-error", action="store_true",
+                   help="also replay the real actions through the checkpoint's dynamics ensemble from the visited "
+                        "states and print its error against the real env for h = 1 .. --horizon")
+    p.add_argument("--horizon", type=int, default=5, help="with --model-error: the open-loop horizon")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("train", "cmd_evaluate"))
 

@@ -53,16 +53,21 @@ def print_summary(summary: TrainSummary, as_json: bool) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dromo_ray.core.threads import set_torch_threads
-    from dromo_ray.train import evaluate_checkpoint, value_check
+    from dromo_ray.train import evaluate_checkpoint, model_error, value_check
 
     if args.episodes < 1:
         raise UserError(f"--episodes: expected a positive integer, got {args.episodes}")
     if args.tail < 0:
         raise UserError(f"--tail: expected a non-negative integer, got {args.tail}")
+    if args.horizon < 1:
+        raise UserError(f"--horizon: expected a positive integer, got {args.horizon}")
     set_torch_threads(1)
     out = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed)
     if args.values:
         out["values"] = value_check(args.checkpoint, episodes=args.episodes, seed=args.seed, tail=args.tail)
+    if args.model_error:
+        out["model_error"] = model_error(args.checkpoint, episodes=args.episodes, seed=args.seed,
+                                         horizon=args.horizon)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -75,4 +80,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"values at {v['states']} visited states (gamma {v['gamma']}): Q(s, mu(s)) min {v['q_min_mean']:.1f} "
               f"(mean of members {v['q_mean_mean']:.1f}){soft}; Monte-Carlo return {v['mc_return_mean']:.1f}; "
               f"lower bound {'holds' if v['lower_bound_holds'] else 'violated'}")
+    if args.model_error:
+        m = out["model_error"]
+        per_h = ", ".join(f"h={e['h']}: {e['obs_rmse_std_units']:.3f} std / {e['reward_mae']:.3f}"
+                          for e in m["per_h"])
+        print(f"model error from {m['starts']} visited states (observation RMSE in dataset stds / reward MAE): "
+              f"{per_h}; predicted reward std at h=1 {m['predicted_reward_std_h1']:.3f}, real reward "
+              f"{m['real_reward_mean']:.3f} ± {m['real_reward_std']:.3f}")
     return 0

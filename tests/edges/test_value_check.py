@@ -1,6 +1,7 @@
-"""`dromo-ray evaluate --values`: a checkpoint's critic against the Monte-Carlo return of its policy in the real env
-(the lower-bound check of issue 13). The checkpoint is built by hand with a constant critic, so every figure the
-check prints has a hand computation beside it."""
+"""`dromo-ray evaluate --values` / `--model-error`: a checkpoint's critic against the Monte-Carlo return of its policy
+in the real env (the lower-bound check of issue 13), and its dynamics ensemble against the real env on the states
+that policy visits. The checkpoints are built by hand (a constant critic, a model that predicts no change), so
+every figure the checks print has a hand computation beside it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dromo_ray.core.nets import TanhGaussianActor, TwinCritic
 from dromo_ray.core.scores import discounted_tail_returns
 from dromo_ray.data.gym_env import record_episodes
 from dromo_ray.runtime.checkpoint import save_checkpoint
-from dromo_ray.train import value_check
+from dromo_ray.train import model_error, value_check
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tune_configs" / "tasks" / "tiny_hopper_dromo.yaml"
@@ -49,7 +50,8 @@ def test_record_episodes_shapes_and_determinism():
         record_episodes(act, "hopper", episodes=0, seed=0)
 
 
-def _checkpoint(tmp_path: Path, q_value: float, log_ent_coef: float, deterministic_backup: bool) -> Path:
+def _checkpoint(tmp_path: Path, q_value: float, log_ent_coef: float, deterministic_backup: bool,
+                dynamics: dict | None = None) -> Path:
     cfg = load_config(TINY, [f"agent.deterministic_backup={str(deterministic_backup).lower()}"])
     hidden = tuple(cfg.agent.hidden_dims)
     torch.manual_seed(0)
@@ -60,7 +62,7 @@ def _checkpoint(tmp_path: Path, q_value: float, log_ent_coef: float, determinist
             p.zero_()
         last = [p for name, p in critic.named_parameters() if "bias" in name][-1]
         last.fill_(q_value)
-    state = {"driver": {"step": 40, "evals": []}, "config": to_dict(cfg), "env": "hopper", "dynamics": {},
+    state = {"driver": {"step": 40, "evals": []}, "config": to_dict(cfg), "env": "hopper", "dynamics": dynamics or {},
              "replay": {}, "learner": {"agent": {"actor": actor.state_dict(), "critic": critic.state_dict(),
                                                  "log_ent_coef": torch.tensor(log_ent_coef)}}}
     return save_checkpoint(tmp_path / "run", 40, state)
@@ -106,3 +108,37 @@ def test_evaluate_values_cli(tmp_path, capsys):
     assert "Q(s, mu(s)) min -5.0" in text and "lower bound" in text
     assert main(["evaluate", str(ckpt.parent), "--values", "--tail", "-1"]) == 2
     assert "--tail" in capsys.readouterr().err
+
+
+def test_model_error_of_a_model_that_predicts_no_change(tmp_path):
+    from dromo_ray.core.dynamics import EnsembleDynamics
+
+    cfg = load_config(TINY)
+    model = EnsembleDynamics(11, 3, cfg.dynamics)
+    with torch.no_grad():  # every member predicts s' - s = 0 and r = 0: zero weights, zero output mean
+        for p in model.parameters():
+            p.zero_()
+        model.in_std.fill_(2.0)  # the dataset's per-dimension std the error is measured in
+    ckpt = _checkpoint(tmp_path, 0.0, 0.0, True, dynamics={k: v.clone() for k, v in model.state_dict().items()})
+    out = model_error(ckpt, episodes=1, seed=5, horizon=3)
+    assert (out["env"], out["horizon"], [e["h"] for e in out["per_h"]]) == ("hopper", 3, [1, 2, 3])
+
+    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
+
+    actor, _, _ = load_policy_from_checkpoint(ckpt)
+    (ep,) = record_episodes(lambda o: actor(torch.as_tensor(o)).detach().numpy(), "hopper", episodes=1, seed=5)
+    n = len(ep.rewards) - 3
+    assert out["starts"] == n
+    for h in (1, 2, 3):  # the model stays at s_t: its error at h is RMS((s_t - s_{t+h}) / 2), its reward error |r|
+        obs_err = np.sqrt((((ep.observations[:n] - ep.observations[h:n + h]) / 2.0) ** 2).mean(-1)).mean()
+        assert out["per_h"][h - 1]["obs_rmse_std_units"] == pytest.approx(obs_err, rel=1e-4)
+        assert out["per_h"][h - 1]["reward_mae"] == pytest.approx(np.abs(ep.rewards[h - 1:n + h - 1]).mean(),
+                                                                  rel=1e-4)
+
+
+def test_model_error_needs_a_model(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path, 0.0, 0.0, True)
+    assert main(["evaluate", str(ckpt.parent), "--episodes", "1", "--model-error"]) == 2
+    assert "no dynamics ensemble" in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt.parent), "--model-error", "--horizon", "0"]) == 2
+    assert "--horizon" in capsys.readouterr().err
