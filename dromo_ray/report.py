@@ -12,9 +12,9 @@ Protocol (the same for every algorithm, stated in every table written):
   seed (the ``sweep.variant`` tag; empty for plain ``train`` runs). A group's entry is the mean ± standard
   deviation over its runs (its seeds); the standard deviation is the population one (numpy's default, ddof=0).
 - Beside the score: the return (``final/return``, the same last N evaluations), the behaviour score of the dataset
-  (the D4RL normalized score of its own episodes, read from the dataset file the run names in ``data.dataset``
-  when that file is on this machine), the learner updates the score was logged at, the wall time
-  (``perf/total_wall_s``) and the learner's device (the ``learner_device`` tag).
+  (the D4RL normalized score of its own episodes, read from the dataset the run names in ``data.dataset`` when
+  it is on this machine: a file, or a D4RL name in ``$D4RL_DATASET_DIR``), the learner updates the score was
+  logged at, the wall time (``perf/total_wall_s``) and the learner's device (the ``learner_device`` tag).
 - Learning curves plot ``eval/normalized_score`` against learner updates: per group the mean over runs at each
   evaluated step, shaded ± one standard deviation. A step logged twice (a resumed run repeats the updates after
   its last checkpoint) counts once, with its latest value.
@@ -166,17 +166,23 @@ def collect_runs(client: Any, experiment_id: str) -> tuple[list[RunRecord], list
 
 
 def behavior_scores(records: list[RunRecord]) -> dict[str, float]:
-    """dataset tag -> the D4RL normalized score of the dataset's own episodes, for every dataset whose file (the
-    runs' ``data.dataset`` parameter) is on this machine; read once per file."""
+    """dataset tag -> the D4RL normalized score of the dataset's own episodes, for every dataset the runs'
+    ``data.dataset`` parameter finds on this machine (a file, or a D4RL name in ``$D4RL_DATASET_DIR``, as
+    ``train`` resolves it); read once per dataset."""
     from dromo_ray.data.info import dataset_info
-    from dromo_ray.data.load import load_dataset
+    from dromo_ray.data.load import load_dataset, resolve_dataset
+    from dromo_ray.errors import DatasetError
 
     out: dict[str, float] = {}
     for r in records:
-        if r.dataset in out or not r.dataset_path or not Path(r.dataset_path).is_file():
+        if r.dataset in out or not r.dataset_path:
             continue
         try:
-            out[r.dataset] = float(dataset_info(load_dataset(r.dataset_path))["normalized_score"])
+            spec = resolve_dataset(r.dataset_path)
+        except DatasetError:
+            continue
+        try:
+            out[r.dataset] = float(dataset_info(load_dataset(spec))["normalized_score"])
         except Exception:  # noqa: BLE001 - an unreadable file leaves the column empty, never fails the report
             continue
     return out

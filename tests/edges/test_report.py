@@ -161,3 +161,17 @@ def test_cli_json_and_errors(tmp_path, store, capsys):
     client.create_experiment("empty", artifact_location=(tmp_path / "artifacts").as_uri())
     assert main(["report", "--experiment", "empty", "--tracking-uri", _uri(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_behaviour_score_of_a_d4rl_name_found_in_the_dataset_dir(tmp_path, tiny_hopper_hdf5, monkeypatch):
+    from dromo_ray.data.info import dataset_info
+    from dromo_ray.data.load import load_dataset
+    from dromo_ray.report import RunRecord, behavior_scores
+
+    (tmp_path / "d4rl").mkdir()
+    (tmp_path / "d4rl" / "hopper_medium-v2.hdf5").symlink_to(tiny_hopper_hdf5)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    rec = [RunRecord("a", "dromo", "hopper-medium-v2", "", "0", 1.0, "4", None, dataset_path="hopper-medium-v2"),
+           RunRecord("b", "dromo", "walker2d-medium-v2", "", "0", 1.0, "4", None, dataset_path="walker2d-medium-v2")]
+    expected = dataset_info(load_dataset(str(tiny_hopper_hdf5)))["normalized_score"]
+    assert behavior_scores(rec) == {"hopper-medium-v2": pytest.approx(expected)}  # walker2d's is not here
