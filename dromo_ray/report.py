@@ -329,17 +329,24 @@ def plot_curves(records: list[RunRecord], rows: list[Row], out: Path) -> list[Pa
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_title(f"{ds}: evaluation score (mean ± std over runs)")
-        ax.set_xlabel("learner updates")
-        ax.set_ylabel("D4RL normalized score")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"curves_{_safe(ds)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, ax, f"{ds}: evaluation score (mean ± std over runs)", "D4RL normalized score",
+                           out / f"curves_{_safe(ds)}.png"))
     return paths
+
+
+def _save(fig: Any, ax: Any, title: str, ylabel: str, path: Path) -> Path:
+    """Title, axis labels and legend of a report figure against learner updates; written to ``path``, closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.set_xlabel("learner updates")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_variance(records: list[RunRecord], out: Path) -> list[Path]:
@@ -357,16 +364,9 @@ def plot_variance(records: list[RunRecord], out: Path) -> list[Path]:
             label = (f"{r.algorithm} [{r.variant}]" if r.variant else r.algorithm) + f" s{r.seed}"
             ax.plot([s for s, _ in r.variance_ratio], [max(v, 1e-12) for _, v in r.variance_ratio], label=label)
         ax.set_yscale("log")
-        ax.set_title(f"{ds}: DROMO variance term / Bellman term")
-        ax.set_xlabel("learner updates")
-        ax.set_ylabel("variance term / Bellman term")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"variance_{_safe(ds)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, ax, f"{ds}: DROMO variance term / Bellman term", "variance term / Bellman term",
+                           out / f"variance_{_safe(ds)}.png"))
     return paths
 
 
