@@ -257,7 +257,6 @@ def evaluate_checkpoint(path: str | Path, episodes: int = 10, seed: int = 12345)
     raises CheckpointError when ``path`` holds no readable policy.
     """
     import numpy as np
-    import torch
 
     from dromo_ray.data.gym_env import evaluate_policy
     from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
@@ -266,9 +265,7 @@ def evaluate_checkpoint(path: str | Path, episodes: int = 10, seed: int = 12345)
         raise UserError(f"episodes: expected a positive integer, got {episodes}")
     actor, env_key, _ = load_policy_from_checkpoint(path)
 
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+    act = _deterministic(actor)
 
     res = evaluate_policy(act, env_key, episodes=episodes, seed=seed)
     return {"env": env_key, "episodes": episodes, "return_mean": float(res.mean_return),
@@ -314,9 +311,7 @@ def value_check(path: str | os.PathLike[str], episodes: int = 5, seed: int = 123
     ent_coef = float(np.exp(np.asarray(agent_state["log_ent_coef"], dtype=np.float64)))
     soft = not bool(agent_cfg.get("deterministic_backup", False))
 
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+    act = _deterministic(actor)
 
     eps = record_episodes(act, env_key, episodes=episodes, seed=seed)
     obs_rows, returns = [], []
@@ -381,9 +376,7 @@ def model_error(path: str | os.PathLike[str], episodes: int = 2, seed: int = 123
     elites = model.elite_idx
     obs_std = model.in_std[: actor.obs_dim].clamp_min(1e-6)
 
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+    act = _deterministic(actor)
 
     eps = record_episodes(act, env_key, episodes=episodes, seed=seed)
     obs_err = [[] for _ in range(horizon)]
@@ -421,3 +414,15 @@ def model_error(path: str | os.PathLike[str], episodes: int = 2, seed: int = 123
             "per_h": per_h, "predicted_reward_std_h1": float(torch.cat(pred_rew_std).mean()),
             "real_reward_mean": float(rewards.mean()), "real_reward_std": float(rewards.std()),
             "episode_return_mean": float(np.mean([e.rewards.sum() for e in eps]))}
+
+
+def _deterministic(actor: Any) -> Any:
+    """The act function of a checkpoint's policy for the real-env evaluators: obs (B, D_o) -> μ(s) (B, D_a)."""
+    import numpy as np
+    import torch
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+    return act
