@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -330,23 +329,6 @@ def test_cli_parsers_and_suite_make_smoke(suite, sac_run, capsys):
     assert "medium-expert" in text and "skipped" in text
     assert main(["suite", "make", "--env", "walker2d", "--out", str(out), "--policies", str(sac_run.out)]) == 2
 
-
-# ---- the full-size suite (hours on a workstation; by hand: pytest -m slow) ---------------------------------
-
-
-@pytest.mark.slow
-def test_full_size_hopper_suite(tmp_path):
-    from dromo_ray.data.suite import make_suite
-    from dromo_ray.rllib.sac import BehaviorConfig, train_behavior
-
-    res = train_behavior(BehaviorConfig(env="hopper", steps=1_000_000, out=str(tmp_path / "beh"), progress=True))
-    manifest = make_suite("hopper", 1_000_000, tmp_path / "suite", res.out, progress=True)
-    parts = manifest["parts"]
-    assert parts["medium-expert"]["transitions"] == 2_000_000
-    scores = [parts[p]["normalized_score"] for p in ("random", "medium", "expert")]
-    assert scores == sorted(scores)
-    assert not ray.is_initialized()
-    assert Path(manifest["parts"]["expert"]["d4rl"]).exists()
 
 
 def test_medium_expert_without_medium_is_refused_before_anything_is_written(tmp_path):

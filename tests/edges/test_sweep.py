@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import yaml
 
 from dromo_ray.errors import ConfigError
 from dromo_ray.sweep import Cluster, check_resources, load_sweep, trial_bundles
+from testkit.sweeps import check_report, check_trial_runs, run_cli, sweep_runs, tiny_sweep_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNE = ROOT / "tune_configs" / "sweeps"
@@ -241,118 +239,11 @@ def test_impossible_resources_name_the_key(tmp_path, fake_data):
 # Real sweeps: local Ray, embedded MLflow, the tiny config.
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "hopper_random.hdf5"
-    subprocess.run([sys.executable, "-m", "dromo_ray.cli", "collect", "--env", "hopper", "--policy", "random",
-                    "--steps", "1500", "--out", str(out)], check=True, capture_output=True, cwd=out.parent)
-    return out
-
-
-def _tiny_sweep_file(tmp_path: Path, dataset: Path, seeds: list[int], **train) -> Path:
-    doc = yaml.safe_load((TUNE / "sweep_tiny.yaml").read_text())
-    doc["base"] = str(TINY)
-    doc["data"] = {"dataset": str(dataset)}
-    doc["storage_path"] = str(tmp_path / "sweeps")
-    doc["seeds"] = seeds
-    doc["max_concurrent_trials"] = 1
-    doc["out_dir"] = str(tmp_path / "runs")
-    if train:
-        doc["train"] = train
-    return _write(tmp_path, doc, "sweep_tiny.yaml")
-
-
-def _run_cli(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
-    """The CLI in a fresh process, as a user runs it (its Ray instance ends with it)."""
-    proc = subprocess.run([sys.executable, "-m", "dromo_ray.cli", *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900, cwd=cwd)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _mlflow(uri: str, experiment: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    trials = [r for r in runs if r.data.tags.get("sweep.role") != "parent"]
-    return client, parents, trials
-
-
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    """Metric history by step; a step logged twice (replayed after a resume) keeps its latest value."""
-    latest: dict[int, tuple[int, float]] = {}
-    for m in client.get_metric_history(run_id, key):
-        if m.step not in latest or m.timestamp >= latest[m.step][0]:
-            latest[m.step] = (m.timestamp, m.value)
-    return [(s, v) for s, (_, v) in sorted(latest.items())]
-
-
-def _check_trial_runs(client, parents, trials, algorithms: list[str], seeds: list[int], dataset: Path) -> None:
-    from dromo_ray.config import load_config
-    from dromo_ray.tracking import config_params
-
-    assert len(parents) == 1
-    parent = parents[0]
-    assert parent.info.status == "FINISHED"
-    assert len(trials) == len(algorithms) * len(seeds)
-    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
-    assert len({r.data.tags["sweep.trial_id"] for r in trials}) == len(trials)
-    assert sorted((r.data.tags["algorithm"], int(r.data.tags["seed"])) for r in trials) == sorted(
-        (a, s) for a in algorithms for s in seeds)
-    for r in trials:
-        tags, params = r.data.tags, r.data.params
-        assert r.info.status == "FINISHED" and "failure_reason" not in tags
-        assert tags["dataset"] == dataset.stem and tags["env"] == "hopper" and "learner_device" in tags
-        # the params of a single `train` run: the flattened config of this trial
-        cfg = load_config(TINY, {"agent.algorithm": tags["algorithm"], "seed": int(tags["seed"]),
-                                 "data.dataset": str(dataset)})
-        expected = config_params(cfg)
-        assert set(params) == set(expected)
-        for k in ("agent.algorithm", "seed", "agent.alpha", "agent.beta", "rollout.horizon", "train.total_steps",
-                  "data.dataset"):
-            assert params[k] == expected[k], k
-        # metric histories: dynamics once (at step 0), evaluations at every eval_interval, the protocol score
-        assert len(client.get_metric_history(r.info.run_id, "dynamics/holdout_mse")) == 1
-        evals = _history(client, r.info.run_id, "eval/normalized_score")
-        total, every, last_n = cfg.train.total_steps, cfg.train.eval_interval, cfg.train.final_score_last_n
-        assert [s for s, _ in evals] == list(range(every, total + 1, every))
-        final = r.data.metrics["final/normalized_score"]
-        assert final == pytest.approx(np.mean([v for _, v in evals][-last_n:]))
-        assert any(k.startswith("train/") for k in r.data.metrics)
-
-
-def _check_report(tmp_path: Path, uri: str, experiment: str, client, parents, trials) -> None:
-    import csv
-
-    out = tmp_path / "report"
-    code, stdout, stderr = _run_cli(["report", "--experiment", experiment, "--tracking-uri", uri, "--out",
-                                     str(out), "--json"], cwd=tmp_path)
-    assert code == 0, stderr
-    rep = json.loads(stdout)
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["algorithm"] for r in rows} == {r.data.tags["algorithm"] for r in trials}
-    for row in rows:
-        scores = [r.data.metrics["final/normalized_score"] for r in trials if r.data.tags["algorithm"] ==
-                  row["algorithm"]]
-        assert int(row["runs"]) == len(scores)
-        assert float(row["mean"]) == pytest.approx(np.mean(scores), abs=1e-12)
-        assert float(row["std"]) == pytest.approx(np.std(scores), abs=1e-12)
-        assert f"{np.mean(scores):.2f} ± {np.std(scores):.2f}" in (out / "results.md").read_text()
-    assert (tmp_path / "mlartifacts").is_dir()  # artifacts next to the embedded store, not in ./mlruns
-    pngs = sorted(out.glob("curves_*.png"))
-    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
-    assert rep["artifacts_run_id"] == parents[0].info.run_id
-    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert {"report/results.md", "report/results.csv"} <= logged and any(p.endswith(".png") for p in logged)
-
-
 def _run_interrupted_then_resumed(tmp_path: Path, dataset: Path, seeds: list[int], **train) -> dict:
     """Interrupt (SIGINT, as Ctrl-C) once the first trial has finished and the second has checkpointed; resume."""
-    sweep = _tiny_sweep_file(tmp_path, dataset, seeds, **train)
+    sweep = tiny_sweep_file(tmp_path, dataset, seeds, **train)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, stdout, stderr = _run_cli(["sweep", str(sweep), "--tracking-uri", uri, "--json"],
+    code, stdout, stderr = run_cli(["sweep", str(sweep), "--tracking-uri", uri, "--json"],
                                     env={"DROMO_SWEEP_INTERRUPT_AFTER": "trials=1,checkpoints=1"}, cwd=tmp_path)
     assert code == 130, stderr[-3000:]
     first = json.loads(stdout)
@@ -360,17 +251,17 @@ def _run_interrupted_then_resumed(tmp_path: Path, dataset: Path, seeds: list[int
     done = [t for t in first["trials"] if t["status"] == "finished"]
     cut = [t for t in first["trials"] if t["status"] == "interrupted"]
     assert len(done) == 1 and len(cut) >= 1
-    client, parents, trials = _mlflow(uri, "sweep_tiny")
+    client, parents, trials = sweep_runs(uri, "sweep_tiny")
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     finished_before = {r.info.run_id: r.info.end_time for r in trials if r.info.status == "FINISHED"}
     assert len(finished_before) == 1 and all(r.info.status in ("FINISHED", "KILLED") for r in trials)
 
-    code, stdout, stderr = _run_cli(["sweep", str(sweep), "--resume", "--json"], cwd=tmp_path)
+    code, stdout, stderr = run_cli(["sweep", str(sweep), "--resume", "--json"], cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     second = json.loads(stdout)
     assert second["status"] == "finished" and len(second["trials"]) == 2 * len(seeds)
     assert all(t["status"] == "finished" for t in second["trials"])
-    client, parents, trials = _mlflow(uri, "sweep_tiny")
+    client, parents, trials = sweep_runs(uri, "sweep_tiny")
     # the finished trial was not rerun: same run, same end time
     for run_id, end in finished_before.items():
         assert client.get_run(run_id).info.end_time == end
@@ -390,31 +281,11 @@ def test_tiny_sweep_interrupted_resumed_and_reported(tmp_path, tiny_dataset):
 
     try:
         res = _run_interrupted_then_resumed(tmp_path, tiny_dataset, seeds=[0, 1])
-        _check_trial_runs(res["client"], res["parents"], res["trials"], ["dromo", "combo"], [0, 1], tiny_dataset)
+        check_trial_runs(res["client"], res["parents"], res["trials"], ["dromo", "combo"], [0, 1], tiny_dataset)
         ranking = res["report"]["ranking"]
         assert {r["algorithm"] for r in ranking} == {"dromo", "combo"} and [r["rank"] for r in ranking] == [1, 2]
         assert all(r["n_finished"] == 2 and r["seeds"] == [0, 1] for r in ranking)
-        _check_report(tmp_path, res["uri"], "sweep_tiny", res["client"], res["parents"], res["trials"])
-    finally:
-        ray.shutdown()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_tiny_sweep_straight_through(tmp_path, tiny_dataset):
-    """The tiny sweep without interruption, with the progress table and the final ranking on stdout."""
-    import ray
-
-    try:
-        sweep = _tiny_sweep_file(tmp_path, tiny_dataset, [0, 1])
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        code, stdout, stderr = _run_cli(["sweep", str(sweep), "--tracking-uri", uri],
-                                        env={"DROMO_SWEEP_PRINT_S": "1"}, cwd=tmp_path)
-        assert code == 0, stderr[-3000:]
-        assert "sweep progress" in stdout and "rank  algorithm" in stdout
-        client, parents, trials = _mlflow(uri, "sweep_tiny")
-        _check_trial_runs(client, parents, trials, ["dromo", "combo"], [0, 1], tiny_dataset)
-        _check_report(tmp_path, uri, "sweep_tiny", client, parents, trials)
+        check_report(tmp_path, res["uri"], "sweep_tiny", res["client"], res["parents"], res["trials"])
     finally:
         ray.shutdown()
 
@@ -424,12 +295,12 @@ def test_impossible_resources_fail_before_any_trial(tmp_path, tiny_dataset):
     import ray
 
     try:
-        sweep = _tiny_sweep_file(tmp_path, tiny_dataset, [0])
+        sweep = tiny_sweep_file(tmp_path, tiny_dataset, [0])
         doc = yaml.safe_load(sweep.read_text())
         doc["runtime"] = {"rollout_worker_cpus": 64.0}
         sweep.write_text(yaml.safe_dump(doc))
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        code, stdout, stderr = _run_cli(["sweep", str(sweep), "--tracking-uri", uri], cwd=tmp_path)
+        code, stdout, stderr = run_cli(["sweep", str(sweep), "--tracking-uri", uri], cwd=tmp_path)
         assert code == 2
         lines = [ln for ln in stderr.splitlines() if ln.startswith("dromo-ray sweep: error")]
         assert len(lines) == 1 and "runtime.rollout_worker_cpus" in lines[0] and "cluster has" in lines[0]

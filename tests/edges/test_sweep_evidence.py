@@ -5,10 +5,7 @@ miniature arms sweep runs, is interrupted, resumes without a duplicate trial or 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import yaml
 
 from dromo_ray.errors import ConfigError
 from dromo_ray.sweep import ARM_KEY, DATASET_KEY, Cluster, check_resources, load_sweep
+from testkit.sweeps import run_cli, sweep_runs, task_config, write_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNE = ROOT / "tune_configs"
@@ -23,14 +21,6 @@ EVIDENCE = TUNE / "sweeps" / "evidence_medium.yaml"
 ARMS = {"dromo": "dromo", "dromo_alpha_0.1": "dromo", "combo": "combo", "mopo": "mopo", "mbpo": "mbpo",
         "mobile": "mobile", "cql": "cql_rllib"}
 DATASETS = {"halfcheetah-medium-v5": "halfcheetah", "hopper-medium-v5": "hopper"}
-
-
-def _task(name: str) -> Path:
-    """A per-task config, in tune_configs/tasks/ (the base: layout) or, before that move, in tune_configs/."""
-    for p in (TUNE / "tasks" / f"{name}.yaml", TUNE / f"{name}.yaml"):
-        if p.exists():
-            return p
-    raise FileNotFoundError(name)
 
 
 @pytest.fixture
@@ -43,30 +33,8 @@ def evidence(tmp_path: Path) -> Path:
     (tmp_path / "tasks").mkdir()
     for algo in ("dromo", "combo", "mopo", "mbpo", "mobile"):
         for env in DATASETS.values():
-            (tmp_path / "tasks" / f"{algo}_{env}.yaml").symlink_to(_task(f"{algo}_{env}"))
+            (tmp_path / "tasks" / f"{algo}_{env}.yaml").symlink_to(task_config(f"{algo}_{env}"))
     return Path(shutil.copy(EVIDENCE, tmp_path / "sweeps" / EVIDENCE.name))
-
-
-def _write(path: Path, doc: dict) -> Path:
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def _run_cli(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
-    """The CLI in a fresh process, as a user runs it (its Ray instance ends with it)."""
-    proc = subprocess.run([sys.executable, "-m", "dromo_ray.cli", *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900, cwd=cwd)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _mlflow(uri: str, experiment: str):
-    """(client, parent runs, trial runs) of an experiment."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    return client, parents, [r for r in runs if r.data.tags.get("sweep.role") != "parent"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -92,7 +60,7 @@ def test_evidence_sweep_validates_without_its_datasets(evidence, tmp_path, monke
             # what the trial runs is its preset, as `dromo-ray train <task> --set ...` composes it, plus the common
             # protocol and the dataset: nothing else of the published configuration changes
             base = raw["arms"][arm]["base"].replace("{env}", env).replace("../tasks/", "")
-            expected = load_config(_task(Path(base).stem), {**raw["arms"][arm].get("set", {}), **common,
+            expected = load_config(task_config(Path(base).stem), {**raw["arms"][arm].get("set", {}), **common,
                                                             "data.dataset": ds, "data.env": env})
             expected.out_dir = cfg.out_dir
             # every trial shares one ensemble cache, made absolute from where the sweep starts
@@ -105,7 +73,7 @@ def test_evidence_sweep_validates_without_its_datasets(evidence, tmp_path, monke
             budgets.add(t.total_steps)
     assert budgets == {common["train.total_steps"]}  # the same learner-update budget for every arm
     alpha = {a: spec.config_obj({ARM_KEY: a, DATASET_KEY: "hopper-medium-v5"}).agent.alpha for a in ARMS}
-    assert alpha["dromo_alpha_0.1"] == 0.1 and alpha["dromo"] == load_config(_task("dromo_hopper")).agent.alpha
+    assert alpha["dromo_alpha_0.1"] == 0.1 and alpha["dromo"] == load_config(task_config("dromo_hopper")).agent.alpha
     # Tune's grid runs every arm on halfcheetah-medium before any on hopper-medium
     order = [v[DATASET_KEY] for _, v in generate_variants(spec.param_space())]
     assert order == ["halfcheetah-medium-v5"] * len(ARMS) + ["hopper-medium-v5"] * len(ARMS)
@@ -143,20 +111,8 @@ def test_a_missing_dataset_is_one_line_naming_it(evidence, tmp_path, monkeypatch
 # The arms format: each problem names its key (no Ray)
 
 
-@pytest.fixture
-def arms_doc(tmp_path: Path) -> dict:
-    tiny = yaml.safe_load(_task("tiny_hopper_dromo").read_text())
-    tiny["data"] = {"dataset": ""}  # the datasets: entries set it
-    _write(tmp_path / "tiny_hopper.yaml", tiny)
-    (tmp_path / "data.hdf5").write_bytes(b"")
-    return {"name": "mini", "arms": {"dromo": {"base": "tiny_{env}.yaml"},
-                                     "combo": {"base": "tiny_{env}.yaml", "set": {"agent.algorithm": "combo"}}},
-            "datasets": [{"env": "hopper", "dataset": str(tmp_path / "data.hdf5")}],
-            "common": {"tracking.experiment": "mini", "train.total_steps": 60}, "seeds": [0]}
-
-
 def test_arms_compose_base_set_common_and_dataset(tmp_path, arms_doc):
-    spec = load_sweep(_write(tmp_path / "s.yaml", arms_doc))
+    spec = load_sweep(write_yaml(tmp_path / "s.yaml", arms_doc))
     assert spec.arms == ["dromo", "combo"] and spec.datasets == ["data"] and spec.expected_trials() == 2
     assert spec.trial_keys() == [ARM_KEY, DATASET_KEY] and set(spec.param_space()) == {ARM_KEY, DATASET_KEY, "seed"}
     combo = spec.config_obj({ARM_KEY: "combo", DATASET_KEY: "data", "seed": 3})
@@ -194,7 +150,7 @@ def test_bad_arms_files_name_the_key(tmp_path, arms_doc, change, fragment):
     doc = {**arms_doc, **change}
     if doc.get("datasets") is None:
         doc.pop("datasets")
-    p = _write(tmp_path / "s.yaml", doc)
+    p = write_yaml(tmp_path / "s.yaml", doc)
     with pytest.raises(ConfigError) as e:
         load_sweep(p)
     assert str(p) in str(e.value) and fragment in str(e.value), str(e.value)
@@ -203,14 +159,14 @@ def test_bad_arms_files_name_the_key(tmp_path, arms_doc, change, fragment):
 def test_arms_must_share_one_experiment_and_datasets_one_tag(tmp_path, arms_doc):
     other = yaml.safe_load((tmp_path / "tiny_hopper.yaml").read_text())
     other["tracking"] = {"experiment": "elsewhere"}
-    _write(tmp_path / "other_hopper.yaml", other)
+    write_yaml(tmp_path / "other_hopper.yaml", other)
     doc = {**arms_doc, "common": {"train.total_steps": 60}}
     doc["arms"] = {**doc["arms"], "other": {"base": "other_{env}.yaml"}}
     with pytest.raises(ConfigError, match=r"arms\.other: tracking\.experiment 'elsewhere' differs"):
-        load_sweep(_write(tmp_path / "s.yaml", doc))
+        load_sweep(write_yaml(tmp_path / "s.yaml", doc))
     doc = {**arms_doc, "datasets": arms_doc["datasets"] * 2}
     with pytest.raises(ConfigError, match=r"datasets\[1\]\.dataset: 'data' is already datasets\[0\]"):
-        load_sweep(_write(tmp_path / "s2.yaml", doc))
+        load_sweep(write_yaml(tmp_path / "s2.yaml", doc))
 
 
 def test_a_cql_trial_holds_its_process_and_counts_its_data_pipeline(tmp_path, arms_doc):
@@ -221,7 +177,7 @@ def test_a_cql_trial_holds_its_process_and_counts_its_data_pipeline(tmp_path, ar
 
     doc = {**arms_doc, "arms": {"cql": {"base": "tiny_{env}.yaml", "set": {"agent.algorithm": "cql_rllib"}}},
            "resources": {"driver_cpus": 0.05}}
-    spec = load_sweep(_write(tmp_path / "s.yaml", doc))
+    spec = load_sweep(write_yaml(tmp_path / "s.yaml", doc))
     assert trial_bundles(spec.config_obj({ARM_KEY: "cql"}), 0.05, 0) == [{"CPU": 0.05}]
     check_resources(spec, Cluster(total={"CPU": 2.0}, max_node={"CPU": 2.0}))
     with pytest.raises(ConfigError, match=r"arms\.cql: .*one trial needs 1\.55 CPUs but the cluster has 1"):
@@ -264,10 +220,10 @@ def test_miniature_arms_sweep_interrupted_resumed_and_reported(tmp_path, arms_do
            "resources": {"driver_cpus": 0.05}}
     doc["common"] = {**doc["common"], "out_dir": str(tmp_path / "runs"), "train.total_steps": 60,
                      "train.eval_interval": 20, "train.checkpoint_interval": 20, "train.final_score_last_n": 2}
-    sweep = _write(tmp_path / "mini.yaml", doc)
+    sweep = write_yaml(tmp_path / "mini.yaml", doc)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
-        code, stdout, stderr = _run_cli(["sweep", str(sweep), "--tracking-uri", uri, "--json"],
+        code, stdout, stderr = run_cli(["sweep", str(sweep), "--tracking-uri", uri, "--json"],
                                         env={"DROMO_SWEEP_INTERRUPT_AFTER": "trials=1,checkpoints=1"}, cwd=tmp_path)
         assert code == 130, stderr[-3000:]
         first = json.loads(stdout)
@@ -275,15 +231,15 @@ def test_miniature_arms_sweep_interrupted_resumed_and_reported(tmp_path, arms_do
         cut = [t for t in first["trials"] if t["status"] == "interrupted"]
         assert first["status"] == "killed" and len(done) == 1 and len(cut) == 1
         assert done[0]["config"][ARM_KEY] == "dromo"  # arms run in file order
-        client, parents, trials = _mlflow(uri, "mini")
+        client, parents, trials = sweep_runs(uri, "mini")
         ended = {r.info.run_id: r.info.end_time for r in trials if r.info.status == "FINISHED"}
         assert len(parents) == 1 and len(ended) == 1
 
-        code, stdout, stderr = _run_cli(["sweep", str(sweep), "--resume", "--json"], cwd=tmp_path)
+        code, stdout, stderr = run_cli(["sweep", str(sweep), "--resume", "--json"], cwd=tmp_path)
         assert code == 0, stderr[-3000:]
         second = json.loads(stdout)
         assert second["status"] == "finished" and [t["status"] for t in second["trials"]] == ["finished"] * 2
-        client, parents, trials = _mlflow(uri, "mini")
+        client, parents, trials = sweep_runs(uri, "mini")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         # one run per trial: the finished one untouched, the interrupted one continued in place
         assert len(trials) == 2 and len({r.data.tags["sweep.trial_id"] for r in trials}) == 2
@@ -300,39 +256,12 @@ def test_miniature_arms_sweep_interrupted_resumed_and_reported(tmp_path, arms_do
         assert all(r["dataset"] == tiny_hopper_hdf5.stem and r["n_finished"] == 1 for r in ranking)
 
         out = tmp_path / "report"
-        code, stdout, stderr = _run_cli(["report", "--experiment", "mini", "--tracking-uri", uri, "--out", str(out),
+        code, stdout, stderr = run_cli(["report", "--experiment", "mini", "--tracking-uri", uri, "--out", str(out),
                                          "--json"], cwd=tmp_path)
         assert code == 0, stderr
         rows = json.loads(stdout)["rows"]
         assert sorted((r["algorithm"], r["variant"], r["n"]) for r in rows) == [("combo", "arm=combo", 1),
                                                                                ("dromo", "arm=dromo", 1)]
         assert (out / "results.md").is_file() and list(out.glob("curves_*.png"))
-    finally:
-        ray.shutdown()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_cql_arm_runs_in_a_sweep_trial(tmp_path, arms_doc, tiny_hopper_hdf5):
-    """An RLlib CQL arm trains, evaluates and finishes inside a Tune trial (its data pipeline beside the trial's
-    placement group) and reports its final score. About 30 s on 2 idle CPUs."""
-    import ray
-
-    doc = {**arms_doc, "arms": {"cql": {"base": "tiny_{env}.yaml", "set": {"agent.algorithm": "cql_rllib"}}},
-           "datasets": [{"env": "hopper", "dataset": str(tiny_hopper_hdf5)}], "storage_path": str(tmp_path / "sw"),
-           "resources": {"driver_cpus": 0.05}}
-    doc["common"] = {**doc["common"], "out_dir": str(tmp_path / "runs"), "train.total_steps": 40,
-                     "train.eval_interval": 20, "train.log_interval": 10, "train.final_score_last_n": 2}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    try:
-        code, stdout, stderr = _run_cli(["sweep", str(_write(tmp_path / "cql.yaml", doc)), "--tracking-uri", uri,
-                                         "--json"], cwd=tmp_path)
-        assert code == 0, stderr[-3000:]
-        rep = json.loads(stdout)
-        assert [(t["status"], t["step"]) for t in rep["trials"]] == [("finished", 40)]
-        assert rep["ranking"][0]["algorithm"] == "cql_rllib" and rep["ranking"][0]["mean"] is not None
-        client, parents, trials = _mlflow(uri, "mini")
-        assert len(trials) == 1 and trials[0].info.status == "FINISHED"
-        assert trials[0].data.tags["algorithm"] == "cql_rllib" and "final/normalized_score" in trials[0].data.metrics
     finally:
         ray.shutdown()
