@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     command = None
     try:
+        # numpy before anything imports torch: torch's C initialisation imports numpy itself and swallows whatever
+        # that import raises (it warns "Failed to initialize NumPy" and carries on), so a Ctrl-C or SIGTERM landing
+        # there would be lost and the command would run on. Imported here, the signal lands in Python code that lets
+        # it through.
+        import numpy  # noqa: F401
+
         from dromo_ray.cli.parser import build_parser
 
         args = build_parser().parse_args(argv)
