@@ -244,7 +244,7 @@ def _run_interrupted_then_resumed(tmp_path: Path, dataset: Path, seeds: list[int
     sweep = tiny_sweep_file(tmp_path, dataset, seeds, **train)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, stdout, stderr = run_cli(["sweep", str(sweep), "--tracking-uri", uri, "--json"],
-                                    env={"DROMO_SWEEP_INTERRUPT_AFTER": "trials=1,checkpoints=1"}, cwd=tmp_path)
+                                   env={"DROMO_SWEEP_INTERRUPT_AFTER": "trials=1,checkpoints=1"}, cwd=tmp_path)
     assert code == 130, stderr[-3000:]
     first = json.loads(stdout)
     assert first["status"] == "killed"

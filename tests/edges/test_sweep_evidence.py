@@ -224,7 +224,7 @@ def test_miniature_arms_sweep_interrupted_resumed_and_reported(tmp_path, arms_do
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
         code, stdout, stderr = run_cli(["sweep", str(sweep), "--tracking-uri", uri, "--json"],
-                                        env={"DROMO_SWEEP_INTERRUPT_AFTER": "trials=1,checkpoints=1"}, cwd=tmp_path)
+                                       env={"DROMO_SWEEP_INTERRUPT_AFTER": "trials=1,checkpoints=1"}, cwd=tmp_path)
         assert code == 130, stderr[-3000:]
         first = json.loads(stdout)
         done = [t for t in first["trials"] if t["status"] == "finished"]

@@ -21,7 +21,7 @@ def test_tiny_sweep_straight_through(tmp_path, tiny_dataset):
         sweep = tiny_sweep_file(tmp_path, tiny_dataset, [0, 1])
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         code, stdout, stderr = run_cli(["sweep", str(sweep), "--tracking-uri", uri],
-                                        env={"DROMO_SWEEP_PRINT_S": "1"}, cwd=tmp_path)
+                                       env={"DROMO_SWEEP_PRINT_S": "1"}, cwd=tmp_path)
         assert code == 0, stderr[-3000:]
         assert "sweep progress" in stdout and "rank  algorithm" in stdout
         client, parents, trials = sweep_runs(uri, "sweep_tiny")
