@@ -42,8 +42,6 @@ def cluster(tmp_path, monkeypatch):
     assert not survivors, f"processes of the test survived its teardown: {survivors}"
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(1800, method="signal")  # the whole test, fixture setup and teardown included
