@@ -440,14 +440,12 @@ def _fmt(v: float | None) -> str:
 
 def summary_table(manifest: dict[str, Any]) -> str:
     """The manifest as text: the selection, then one row per part made."""
+    from dromo_ray.ui import fmt, table
+
     sel = manifest["selection"]
     expert = "not shipped" if "expert" in manifest.get("unavailable", {}) else sel["expert"]
-    lines = [f"{manifest['gym_id']} suite ({manifest['sampling']} policies; medium = {sel['medium']}, "
-             f"expert = {expert}, target return {sel['target_return']:.1f})",
-             f"{'part':<14} {'transitions':>11} {'episodes':>9} {'return':>9} {'normalized':>11}"]
-    for part in PARTS:
-        e = manifest["parts"].get(part)
-        if e:
-            lines.append(f"{part:<14} {e['transitions']:>11} {e['complete_episodes']:>9} "
-                         f"{_fmt(e['return_mean']):>9} {_fmt(e['normalized_score']):>11}")
-    return "\n".join(lines)
+    title = (f"{manifest['gym_id']} suite ({manifest['sampling']} policies; medium = {sel['medium']}, "
+             f"expert = {expert}, target return {sel['target_return']:.1f})")
+    rows = [[part, e["transitions"], e["complete_episodes"], fmt(e["return_mean"], 1), fmt(e["normalized_score"], 1)]
+            for part in PARTS if (e := manifest["parts"].get(part))]
+    return table(["part", "transitions", "episodes", "return", "normalized"], rows, title=title)

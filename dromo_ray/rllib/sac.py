@@ -300,8 +300,8 @@ def train_behavior(cfg: BehaviorConfig) -> BehaviorResult:
 
 def summary_table(index: dict[str, Any]) -> str:
     """The checkpoints of ``index`` as text: env steps, deterministic and sampled return, normalized score."""
-    lines = [f"{'checkpoint':<15} {'env steps':>10} {'return (det)':>13} {'return (sampled)':>17} {'norm (det)':>11}"]
-    for c in index["checkpoints"]:
-        lines.append(f"{c['name']:<15} {c['env_steps']:>10} {c['return_mean']:>13.1f} "
-                     f"{c['stochastic_return_mean']:>17.1f} {c['normalized_score']:>11.1f}")
-    return "\n".join(lines)
+    from dromo_ray.ui import fmt, table
+
+    rows = [[c["name"], c["env_steps"], fmt(c["return_mean"], 1), fmt(c["stochastic_return_mean"], 1),
+             fmt(c["normalized_score"], 1)] for c in index["checkpoints"]]
+    return table(["checkpoint", "env steps", "return (det)", "return (sampled)", "norm (det)"], rows)
