@@ -106,6 +106,12 @@ class DemoResult:
     tracking_uri: str
 
 
+def demo_data_path(out: Path, seed: int) -> Path:
+    """Where the demo keeps its rows in ``out``. The seed is in the name: the rows are collected under it, so
+    another ``--seed`` in the same ``--out`` collects its own data instead of reusing this seed's."""
+    return Path(out) / f"{DEMO_ENV}_medium_demo_seed{seed}-v5.hdf5"
+
+
 def run_demo(out: str | Path = "dromo_demo", steps: int | None = None, seed: int = 0,
              tracking_uri: str | None = None, progress: bool = True,
              say: Callable[[str], None] = print) -> DemoResult:
@@ -119,7 +125,7 @@ def run_demo(out: str | Path = "dromo_demo", steps: int | None = None, seed: int
     set_torch_threads(1)
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    data = root / f"{DEMO_ENV}_medium_demo-v5.hdf5"
+    data = demo_data_path(root, seed)
     if not data.exists():
         say(f"[1/4] collecting {DEMO_ROWS:,} {DEMO_ENV} transitions with the shipped medium policy -> {data}")
         name, behaviour = collect_demo_data(DEMO_ENV, data, DEMO_ROWS, seed)

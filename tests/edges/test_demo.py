@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dromo_ray.core.config import config_from_dict
-from dromo_ray.demo import DEMO_ENV, DEMO_STEPS, collect_demo_data, demo_config
+from dromo_ray.demo import DEMO_ENV, DEMO_STEPS, collect_demo_data, demo_config, demo_data_path
 
 
 def test_demo_config_is_a_synchronous_dromo_run_with_every_actor_kind(tmp_path):
@@ -48,3 +48,10 @@ def test_demo_data_comes_from_the_shipped_medium_policy(tmp_path):
     again = tmp_path / "again.hdf5"
     collect_demo_data(DEMO_ENV, again, rows=1500, seed=0)
     assert np.array_equal(read_d4rl(again, env=DEMO_ENV).actions, ds.actions)
+
+
+def test_each_seed_keeps_its_own_demo_data(tmp_path):
+    # A second --seed in the same --out must not reuse the first seed's rows (they were collected under it).
+    paths = {demo_data_path(tmp_path, seed) for seed in (0, 1, 2)}
+    assert len(paths) == 3 and all(p.parent == tmp_path and p.suffix == ".hdf5" for p in paths)
+    assert demo_data_path(tmp_path, 1) == demo_data_path(tmp_path, 1)
