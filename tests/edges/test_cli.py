@@ -35,3 +35,23 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint found" in err[0]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    # `dromo-ray COMMAND --help` is a user's text: no flag or argument without a help line.
+    import argparse
+
+    from dromo_ray.cli.parser import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not action.help:
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), ["dromo-ray"])
+    assert missing == []
