@@ -32,6 +32,10 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set agent.alpha=0.5 (repeatable)")
 
 
+# Where train and sweep write runs (dromo_ray.tracking.resolve_tracking_uri).
+RUN_STORE = "the config's tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else an embedded sqlite store in out_dir"
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON document instead of text")
 
@@ -83,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one run of Algorithm 1 on Ray, tracked in MLflow")
     p.add_argument("config", help="YAML config (see tune_configs/tasks/)")
     _add_set(p)
-    _add_tracking(p, "the config's tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else an "
-                  "embedded sqlite store in out_dir")
+    _add_tracking(p, RUN_STORE)
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="checkpoint directory or file (or an out_dir run name) to continue from")
     _add_json(p)
@@ -110,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     # sweep / report -----------------------------------------------------------------------------------
     p = sub.add_parser("sweep", help="a Ray Tune sweep; every trial is an MLflow run under one parent")
     p.add_argument("sweep", help="sweep YAML (see tune_configs/sweeps/)")
-    _add_tracking(p, "the config's tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else an "
-                  "embedded sqlite store in out_dir")
+    _add_tracking(p, RUN_STORE)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     _add_json(p)
     p.set_defaults(func=_handler("sweep", "cmd_sweep"))
