@@ -165,6 +165,34 @@ def test_export_matches_rllib_distribution(tmp_path):
     check_parity(module, loaded.actor, obs)
 
 
+@pytest.mark.parametrize("which", ["sac", "cql"])
+def test_q_networks_are_the_published_concat_mlp(which):
+    """Each Q network is one ReLU MLP on concat(s, a) then a linear output, as CQL's and SAC's published critic
+    and the platform's TwinCritic (not RLlib's multi-stream obs/action/fusion encoder); the targets copy it."""
+    from ray.rllib.core.columns import Columns
+
+    from dromo_ray.rllib.module import ConcatQEncoder, SoftClampCQLTorchRLModule, SoftClampSACTorchRLModule
+
+    module = _module(SoftClampCQLTorchRLModule if which == "cql" else SoftClampSACTorchRLModule, hidden=(32, 24))
+    module.make_target_networks()
+    # (11 + 3) x 32 + 32, 32 x 24 + 24, then the head 24 x 1 + 1: the counts of a 2-layer MLP on (s, a)
+    expected = (14 * 32 + 32) + (32 * 24 + 24) + (24 + 1)
+    for enc, head in [(module.qf_encoder, module.qf), (module.qf_twin_encoder, module.qf_twin),
+                      (module.target_qf_encoder, module.target_qf)]:
+        assert isinstance(enc, ConcatQEncoder)
+        assert sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in head.parameters()) == expected
+    # Q(s, a) by hand from the weights: relu(W2 relu(W1 [s, a] + b1) + b2), then the head
+    g = torch.Generator().manual_seed(0)
+    s, a = torch.randn(5, 11, generator=g), torch.rand(5, 3, generator=g) * 2 - 1
+    lin = [m for m in module.qf_encoder.net if isinstance(m, torch.nn.Linear)]
+    h = torch.relu(lin[1](torch.relu(lin[0](torch.cat([s, a], -1)))))
+    want = torch.cat([p for p in module.qf.parameters() if p.dim() == 2], 0)
+    with torch.no_grad():
+        by_hand = h @ want.T + [p for p in module.qf.parameters() if p.dim() == 1][0]
+        q = module._qf_forward_train_helper({Columns.OBS: s, Columns.ACTIONS: a}, module.qf_encoder, module.qf)
+    torch.testing.assert_close(q, by_hand.squeeze(-1))
+
+
 def test_export_of_stock_module_is_deterministic_only(tmp_path):
     from ray.rllib.algorithms.sac.torch.default_sac_torch_rl_module import DefaultSACTorchRLModule
 
