@@ -249,9 +249,86 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume: str
     )
 
 
+@dataclass
+class _Evaluated:
+    """What ``dromo-ray evaluate`` reads from a run checkpoint or a policy file."""
+
+    act: Any  # obs (B, D_o) -> μ(s) (B, D_a), numpy
+    env_key: str
+    inputs: Any  # obs (B, D_o) -> the networks' input tensor (a policy file may normalise)
+    actor: Any
+    critic: Any  # TwinCritic | None
+    gamma: float
+    entropy_coef: float
+    soft_backup: bool
+    algorithm: str
+    step: int
+    where: str
+
+
+POLICY_FILE = "policy.pt"
+"""The policy file of a run without runtime checkpoints (an RLlib CQL run: ``dromo_ray.rllib.cql``)."""
+
+
+def _policy_file(path: str | os.PathLike[str]) -> Path | None:
+    """``path`` as a policy file: the file itself (any file but a checkpoint's state.pt), or the ``policy.pt``
+    of a run directory that holds no checkpoints; None for anything else."""
+    from dromo_ray.runtime.checkpoint import STATE_FILE
+
+    p = Path(path)
+    if p.is_file():
+        return p if p.name != STATE_FILE else None
+    if p.is_dir() and (p / POLICY_FILE).is_file() and not (p / "checkpoints").exists():
+        return p / POLICY_FILE
+    return None
+
+
+def _load_evaluated(path: str | os.PathLike[str]) -> _Evaluated:
+    """A run checkpoint (anything ``--resume`` accepts) or a policy file (``dromo_ray.policy/1``: a behaviour
+    policy, an RLlib CQL run's checkpoint), with the critic where it holds one."""
+    import numpy as np
+    import torch
+
+    from dromo_ray.core.nets import TwinCritic
+    from dromo_ray.errors import CheckpointError, DatasetError
+    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
+
+    pfile = _policy_file(path)
+    if pfile is not None:
+        from dromo_ray.data.policy_io import load_policy
+
+        try:
+            pol = load_policy(pfile, deterministic=True)
+        except DatasetError as e:
+            raise CheckpointError(str(e)) from None
+        env_key = pol.meta.get("env_key")
+        if not env_key:
+            raise CheckpointError(f"{pfile}: this policy file does not say its environment (meta.env_key)")
+        info = pol.critic_info
+        return _Evaluated(pol, str(env_key), pol.inputs, pol.actor, pol.critic, info.get("gamma", float("nan")),
+                          info.get("entropy_coef", 0.0), bool(info.get("soft_backup", False)),
+                          str(pol.meta.get("algorithm", "policy")), int(pol.meta.get("learner_updates", 0)),
+                          str(pfile))
+    actor, env_key, state = load_policy_from_checkpoint(path)
+    agent_cfg, agent_state = state["config"]["agent"], state["learner"]["agent"]
+    critic = None
+    try:
+        weights = {k: torch.as_tensor(v) for k, v in agent_state["critic"].items()}
+        num_q = int(next(iter(weights.values())).shape[0])  # EnsembleMLP: one leading row per member
+        critic = TwinCritic(actor.obs_dim, actor.act_dim, tuple(agent_cfg["hidden_dims"]), num_q=num_q)
+        critic.load_state_dict(weights)
+    except (KeyError, RuntimeError, StopIteration):
+        critic = None
+    return _Evaluated(_deterministic(actor), env_key, lambda obs: torch.as_tensor(obs, dtype=torch.float32), actor,
+                      critic, float(agent_cfg["gamma"]),
+                      float(np.exp(np.asarray(agent_state.get("log_ent_coef", 0.0), dtype=np.float64))),
+                      not bool(agent_cfg.get("deterministic_backup", False)), str(agent_cfg["algorithm"]),
+                      int(state["driver"]["step"]), str(state["path"]))
+
+
 def evaluate_checkpoint(path: str | Path, episodes: int = 10, seed: int = 12345) -> dict[str, Any]:
-    """The current policy of the checkpoint at ``path`` (anything ``--resume`` accepts that holds one), acting
-    deterministically for ``episodes`` (>= 1) episodes in the real environment from ``seed``.
+    """The current policy of the checkpoint at ``path`` (anything ``--resume`` accepts that holds one, or a
+    policy file), acting deterministically for ``episodes`` (>= 1) episodes in the real environment from ``seed``.
 
     Returns ``{"env", "episodes", "return_mean", "return_std", "normalized_score", "episode_length_mean"}``;
     raises CheckpointError when ``path`` holds no readable policy.
@@ -259,16 +336,12 @@ def evaluate_checkpoint(path: str | Path, episodes: int = 10, seed: int = 12345)
     import numpy as np
 
     from dromo_ray.data.gym_env import evaluate_policy
-    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
 
     if episodes < 1:
         raise UserError(f"episodes: expected a positive integer, got {episodes}")
-    actor, env_key, _ = load_policy_from_checkpoint(path)
-
-    act = _deterministic(actor)
-
-    res = evaluate_policy(act, env_key, episodes=episodes, seed=seed)
-    return {"env": env_key, "episodes": episodes, "return_mean": float(res.mean_return),
+    ev = _load_evaluated(path)
+    res = evaluate_policy(ev.act, ev.env_key, episodes=episodes, seed=seed)
+    return {"env": ev.env_key, "episodes": episodes, "return_mean": float(res.mean_return),
             "return_std": float(np.std(res.returns)), "normalized_score": float(res.mean_normalized),
             "episode_length_mean": float(np.mean(res.lengths))}
 
@@ -283,37 +356,25 @@ def value_check(path: str | os.PathLike[str], episodes: int = 5, seed: int = 123
     where gamma^tail bounds the missing part), the critic's Q(s_t, μ(s_t)) -- the minimum over its members, the
     value the agent backs up, and their mean -- with the Monte-Carlo return G_t = sum_k gamma^k r_{t+k}
     (:func:`~dromo_ray.core.scores.discounted_tail_returns`). A soft backup (``agent.deterministic_backup``
-    false) makes Q also count the entropy bonus alpha * H(pi) of the later steps, about
+    false; RLlib's CQL) makes Q also count the entropy bonus alpha * H(pi) of the later steps, about
     gamma / (1 - gamma) * alpha * H; it is estimated at the same states (H from one action drawn per state) and
-    reported as ``entropy_bonus``, so that ``q_min - entropy_bonus`` is the number to set against G.
+    reported as ``entropy_bonus``, so that ``q_min - entropy_bonus`` is the number to set against G. A policy
+    file works when it carries its critic (an RLlib CQL run's ``policy.pt``).
     """
     import numpy as np
     import torch
 
-    from dromo_ray.core.nets import TwinCritic
     from dromo_ray.core.scores import discounted_tail_returns
     from dromo_ray.data.gym_env import record_episodes
     from dromo_ray.errors import CheckpointError
-    from dromo_ray.runtime.checkpoint import load_policy_from_checkpoint
 
     if episodes < 1 or tail < 0:
         raise UserError(f"value check: episodes must be >= 1 and tail >= 0 (got {episodes}, {tail})")
-    actor, env_key, state = load_policy_from_checkpoint(path)
-    agent_cfg, agent_state = state["config"]["agent"], state["learner"]["agent"]
-    try:
-        weights = {k: torch.as_tensor(v) for k, v in agent_state["critic"].items()}
-        num_q = int(next(iter(weights.values())).shape[0])  # EnsembleMLP: one leading row per member
-        critic = TwinCritic(actor.obs_dim, actor.act_dim, tuple(agent_cfg["hidden_dims"]), num_q=num_q)
-        critic.load_state_dict(weights)
-    except (KeyError, RuntimeError, StopIteration) as e:
-        raise CheckpointError(f"{state['path']}: no critic in this checkpoint ({e})") from None
-    gamma = float(agent_cfg["gamma"])
-    ent_coef = float(np.exp(np.asarray(agent_state["log_ent_coef"], dtype=np.float64)))
-    soft = not bool(agent_cfg.get("deterministic_backup", False))
-
-    act = _deterministic(actor)
-
-    eps = record_episodes(act, env_key, episodes=episodes, seed=seed)
+    ev = _load_evaluated(path)
+    if ev.critic is None:
+        raise CheckpointError(f"{ev.where}: no critic in this checkpoint")
+    gamma, ent_coef, soft = ev.gamma, ev.entropy_coef, ev.soft_backup
+    eps = record_episodes(ev.act, ev.env_key, episodes=episodes, seed=seed)
     obs_rows, returns = [], []
     for ep in eps:
         g = discounted_tail_returns(ep.rewards, gamma)
@@ -324,16 +385,16 @@ def value_check(path: str | os.PathLike[str], episodes: int = 5, seed: int = 123
         raise UserError(f"value check: no state with a known return (episodes of {min(len(e.rewards) for e in eps)} "
                         f"steps, tail {tail}); lower --tail")
     with torch.no_grad():
-        obs = torch.as_tensor(np.concatenate(obs_rows), dtype=torch.float32)
-        q = critic(obs, actor(obs))  # (num_q, N)
+        obs = ev.inputs(np.concatenate(obs_rows))
+        q = ev.critic(obs, ev.actor(obs))  # (num_q, N)
         gen = torch.Generator().manual_seed(seed)
-        _, logp = actor.sample(obs, generator=gen)
+        _, logp = ev.actor.sample(obs, generator=gen)
     entropy = float(-logp.mean())
     bonus = gamma / (1.0 - gamma) * ent_coef * entropy if soft else 0.0
     g = np.asarray(returns, dtype=np.float64)
     q_min = float(q.min(0).values.mean())
     return {
-        "env": env_key, "algorithm": agent_cfg["algorithm"], "step": int(state["driver"]["step"]),
+        "env": ev.env_key, "algorithm": ev.algorithm, "step": ev.step,
         "episodes": len(eps), "states": int(g.size), "gamma": gamma,
         "episode_return_mean": float(np.mean([e.rewards.sum() for e in eps])),
         "mc_return_mean": float(g.mean()), "q_min_mean": q_min, "q_mean_mean": float(q.mean(0).mean()),
@@ -366,6 +427,9 @@ def model_error(path: str | os.PathLike[str], episodes: int = 2, seed: int = 123
 
     if episodes < 1 or horizon < 1:
         raise UserError(f"model error: episodes and horizon must be >= 1 (got {episodes}, {horizon})")
+    if _policy_file(path) is not None:
+        raise CheckpointError(f"{_policy_file(path)}: a policy file holds no dynamics ensemble (--model-error "
+                              "needs a run checkpoint of a model-based algorithm)")
     actor, env_key, state = load_policy_from_checkpoint(path)
     cfg = config_from_dict(state["config"])
     if not state["dynamics"]:

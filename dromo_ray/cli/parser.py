@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint's policy in the real environment")
     p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory (the latest one), a checkpoint "
-                   "directory or its state.pt")
+                   "directory or its state.pt; or a policy file (an RLlib CQL run's policy.pt, which --values "
+                   "reads its critic from, or a behaviour policy)")
     p.add_argument("--episodes", type=int, default=10, help="real-environment episodes")
     p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation's environment resets")
     p.add_argument("--values", action="store_true",

@@ -13,7 +13,8 @@ learner updates the learner's current policy is exported into a :class:`~dromo_r
 reporter receives ``eval/return_mean``, ``eval/return_std``, ``eval/normalized_score``,
 ``eval/episode_length``, ``train/...`` and ``perf/...``. The final score is the mean normalized score of the
 last ``train.final_score_last_n`` evaluations. The run's checkpoint is the final policy file
-(:mod:`dromo_ray.data.policy_io`).
+(:mod:`dromo_ray.data.policy_io`) with the learner's twin critic beside the actor, so that ``dromo-ray evaluate
+--values`` sets CQL's Q against the Monte-Carlo return of its policy.
 
 Config mapping (``ExperimentConfig`` -> ``CQLConfig``): ``agent.hidden_dims`` (ReLU MLPs of pi and Q),
 ``agent.actor_lr / critic_lr / entropy_lr`` -> ``actor_lr / critic_lr / alpha_lr``, ``agent.gamma``,
@@ -137,11 +138,12 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
     ``RunResult`` (so ``dromo_ray.train.train`` logs it like any other run)."""
     import ray
     import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
     from tqdm.auto import tqdm
 
     from dromo_ray.data.gym_env import evaluate_policy
     from dromo_ray.rllib.algo import build_algo_in
-    from dromo_ray.rllib.export import export_policy, learner_module
+    from dromo_ray.rllib.export import critic_from_weights, export_policy, learner_module
     from dromo_ray.runtime.driver import RunFailed, RunResult
 
     if resume:
@@ -191,9 +193,16 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
             report(metrics, step)
             if step >= next_eval or step >= total:
                 next_eval += cfg.train.eval_interval
-                # CQL never syncs the learner's weights to the local EnvRunner: learner_module does.
+                # CQL never syncs the learner's weights to the local EnvRunner: learner_module does. The critic
+                # comes from the learner's own weights; RLlib's CQL backs up Q(s', a') - alpha log pi(a'|s')
+                # (a soft backup), alpha the learner's current value.
+                learned = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+                critic = critic_from_weights(learned, dataset.observations.shape[1], dataset.actions.shape[1])
+                critic_info = {"gamma": cfg.agent.gamma, "soft_backup": True,
+                               "entropy_coef": metrics.get("train/entropy_coef", cfg.agent.init_entropy_coef)}
                 last_policy, _ = export_policy(learner_module(algo), run_dir / "policy.pt", obs_probe, meta={
-                    "env_key": env_key, "algorithm": "cql_rllib", "learner_updates": step, "seed": cfg.seed})
+                    "env_key": env_key, "algorithm": "cql_rllib", "learner_updates": step, "seed": cfg.seed},
+                    critic=critic, critic_info=critic_info)
                 from dromo_ray.data.policy_io import load_policy
 
                 actor = load_policy(last_policy).actor

@@ -23,11 +23,18 @@ RLlib's action distribution, and how it is handled:
   evaluation would act with ``clip(mu, -1, 1)``. Nothing here uses that path: every checkpoint is evaluated
   from its exported file with :func:`dromo_ray.data.gym_env.evaluate_policy`.
 - No observation filter is used in training, so the exported file has ``obs_mean = obs_std = None``.
+
+The critic goes into the same file (:func:`critic_from_weights`): the Q networks of the modules here are one MLP
+on ``concat(s, a)`` each (:class:`~dromo_ray.rllib.module.ConcatQEncoder`, then RLlib's linear Q head), the
+function one member of :class:`~dromo_ray.core.nets.TwinCritic` computes, so ``dromo-ray evaluate --values`` can
+set an RLlib CQL run's Q against the Monte-Carlo return of its policy as it does for the platform's own agents.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dromo_ray.core.nets import TanhGaussianActor, tanh_gaussian_log_prob
+from dromo_ray.core.nets import TanhGaussianActor, TwinCritic, tanh_gaussian_log_prob
 from dromo_ray.data.policy_io import save_policy
 from dromo_ray.rllib.module import SoftClampLogStd
 
@@ -86,6 +93,43 @@ def actor_from_module(module: Any) -> tuple[TanhGaussianActor, bool]:
     return actor.eval(), soft
 
 
+def _q_layers(weights: Mapping[str, Any], name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(W out x in, b out) of Q network ``name`` ('qf', 'qf_twin') in order: its encoder's Linear layers, then
+    its head's."""
+    def linear(prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        pat = re.compile(re.escape(prefix) + r"(\d+)\.weight$")
+        idx = sorted(int(m.group(1)) for k in weights if (m := pat.match(k)))
+        return [(np.asarray(weights[f"{prefix}{i}.weight"]), np.asarray(weights[f"{prefix}{i}.bias"])) for i in idx]
+
+    enc, head = linear(f"{name}_encoder.net."), linear(f"{name}.net.mlp.")
+    if not enc or not head:
+        raise ExportError(f"no {name}_encoder.net.* / {name}.net.mlp.* weights: the Q network is not the "
+                          "ConcatQEncoder of dromo_ray.rllib.module (RLlib's stock multi-stream encoder?)")
+    return enc + head
+
+
+def critic_from_weights(weights: Mapping[str, Any], obs_dim: int, act_dim: int) -> TwinCritic:
+    """Q_1 (``qf``) and Q_2 (``qf_twin``) of an RLlib SAC / CQL module's weights (a ``state_dict`` or
+    ``learner_group.get_weights()[module_id]``) as one :class:`TwinCritic` (the online networks, not the targets).
+
+    Each is ``Linear, ReLU, ..., Linear`` on ``concat(s, a)``; an :class:`EnsembleLinear` holds ``W.T`` per member.
+    """
+    nets = [_q_layers(weights, name) for name in ("qf", "qf_twin")]
+    dims = [[w.shape for w, _ in net] for net in nets]
+    if dims[0] != dims[1]:
+        raise ExportError(f"qf and qf_twin differ in shape: {dims[0]} vs {dims[1]}")
+    if dims[0][0][1] != obs_dim + act_dim or dims[0][-1][0] != 1:
+        raise ExportError(f"Q network maps {dims[0][0][1]} inputs to {dims[0][-1][0]} outputs; expected "
+                          f"{obs_dim} + {act_dim} -> 1")
+    hidden = tuple(int(shape[0]) for shape in dims[0][:-1])
+    critic = TwinCritic(obs_dim, act_dim, hidden, num_q=2)
+    with torch.no_grad():
+        for k, layer in enumerate([*critic.net.layers, critic.net.out]):
+            layer.weight.copy_(torch.stack([torch.as_tensor(net[k][0]).T for net in nets]))
+            layer.bias.copy_(torch.stack([torch.as_tensor(net[k][1]).reshape(1, -1) for net in nets]))
+    return critic.eval()
+
+
 def check_action_space(space: Any) -> None:
     """The export assumes RLlib's [-1, 1] squashing is the env's action range."""
     low, high = np.asarray(space.low), np.asarray(space.high)
@@ -124,13 +168,15 @@ def check_parity(module: Any, actor: TanhGaussianActor, obs: np.ndarray, stochas
 
 
 def export_policy(module: Any, path: str | os.PathLike, obs: np.ndarray,
-                  meta: dict[str, Any] | None = None) -> tuple[Path, dict[str, float]]:
-    """Convert, check parity on ``obs``, and write a dromo_ray policy file. Returns (path, parity report)."""
+                  meta: dict[str, Any] | None = None, critic: TwinCritic | None = None,
+                  critic_info: dict[str, Any] | None = None) -> tuple[Path, dict[str, float]]:
+    """Convert, check parity on ``obs``, and write a dromo_ray policy file, with ``critic`` (and its
+    ``critic_info``: gamma, entropy_coef, soft_backup) beside the actor when given. Returns (path, parity report)."""
     actor, soft = actor_from_module(module)
     report = check_parity(module, actor, obs, stochastic=soft)
     full = {**(meta or {}), "source": "rllib", "rllib_module": type(module).__name__,
             "stochastic_parity": int(soft), **{f"parity_{k}": v for k, v in report.items()}}
-    return save_policy(path, actor, None, None, full), report
+    return save_policy(path, actor, None, None, full, critic=critic, critic_info=critic_info), report
 
 
 def learner_module(algo: Any) -> Any:

@@ -193,6 +193,58 @@ def test_q_networks_are_the_published_concat_mlp(which):
     torch.testing.assert_close(q, by_hand.squeeze(-1))
 
 
+def test_critic_export_is_rllibs_twin_q():
+    """critic_from_weights gives a TwinCritic whose members compute RLlib's qf and qf_twin, from the module's
+    state dict as from the learner's weights; RLlib's stock multi-stream encoder is refused by name."""
+    from ray.rllib.algorithms.sac.torch.default_sac_torch_rl_module import DefaultSACTorchRLModule
+    from ray.rllib.core.columns import Columns
+
+    from dromo_ray.rllib.export import ExportError, critic_from_weights
+    from dromo_ray.rllib.module import SoftClampCQLTorchRLModule
+
+    module = _module(SoftClampCQLTorchRLModule, hidden=(32, 24))
+    weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    critic = critic_from_weights(weights, 11, 3)
+    g = torch.Generator().manual_seed(1)
+    s, a = torch.randn(64, 11, generator=g) * 3, torch.rand(64, 3, generator=g) * 2 - 1
+    with torch.no_grad():
+        q = critic(s, a)
+        batch = {Columns.OBS: s, Columns.ACTIONS: a}
+        q1 = module._qf_forward_train_helper(batch, module.qf_encoder, module.qf)
+        q2 = module._qf_forward_train_helper(batch, module.qf_twin_encoder, module.qf_twin)
+    assert q.shape == (2, 64) and q1.abs().max() > 1  # (weights scaled by 4: far from zero)
+    torch.testing.assert_close(q[0], q1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(q[1], q2, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ExportError, match="qf_encoder"):
+        critic_from_weights(dict(_module(DefaultSACTorchRLModule).state_dict()), 11, 3)
+    with pytest.raises(ExportError, match="expected 11 \\+ 4"):
+        critic_from_weights(weights, 11, 4)
+
+
+def test_policy_file_round_trips_its_critic(tmp_path):
+    from dromo_ray.core.nets import TanhGaussianActor, TwinCritic
+    from dromo_ray.data.policy_io import load_policy, save_policy
+    from dromo_ray.errors import DatasetError
+
+    torch.manual_seed(0)
+    actor, critic = TanhGaussianActor(11, 3, (8,)), TwinCritic(11, 3, (8, 8))
+    info = {"gamma": 0.99, "entropy_coef": 0.1, "soft_backup": True}
+    pol = load_policy(save_policy(tmp_path / "p.pt", actor, meta={"env_key": "hopper"}, critic=critic,
+                                  critic_info=info))
+    assert pol.critic_info == info
+    x, a = torch.randn(5, 11), torch.rand(5, 3)
+    torch.testing.assert_close(pol.critic(x, a), critic(x, a))
+    assert load_policy(save_policy(tmp_path / "q.pt", actor)).critic is None  # optional
+    with pytest.raises(ValueError, match="entropy_coef"):
+        save_policy(tmp_path / "r.pt", actor, critic=critic, critic_info={"gamma": 0.99, "soft_backup": True})
+    assert not (tmp_path / "r.pt").exists()
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    blob["critic"]["hidden"] = [9, 9]
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(DatasetError, match="critic"):
+        load_policy(tmp_path / "bad.pt")
+
+
 def test_export_of_stock_module_is_deterministic_only(tmp_path):
     from ray.rllib.algorithms.sac.torch.default_sac_torch_rl_module import DefaultSACTorchRLModule
 

@@ -78,6 +78,15 @@ def test_cql_rllib_trains_evaluates_and_logs_to_mlflow(tiny_hopper_hdf5, tiny_ho
     assert last_rows >= 0.8 * 40 * 64  # 40 learner updates of ~64 rows happened
     pol = load_policy(res.checkpoint)
     assert pol.meta["algorithm"] == "cql_rllib" and pol.meta["learner_updates"] == 40
+    # the learner's twin critic travels in the policy file, so `evaluate --values` can check CQL's lower bound
+    assert pol.critic is not None and pol.critic_info["soft_backup"] and pol.critic_info["gamma"] == cfg.agent.gamma
+    assert pol.critic_info["entropy_coef"] == pytest.approx(
+        [m["train/entropy_coef"] for _, m, _ in reports if "train/entropy_coef" in m][-1])
+    from dromo_ray.train import value_check
+
+    v = value_check(tmp_path / "run", episodes=1, seed=0, tail=0)
+    assert v["algorithm"] == "cql_rllib" and v["step"] == 40 and v["states"] > 0
+    assert np.isfinite(v["q_min_mean"]) and np.isfinite(v["mc_return_mean"])
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert EVAL_KEYS <= set(run.data.metrics) and run.data.tags["algorithm"] == "cql_rllib"
 

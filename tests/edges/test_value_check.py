@@ -142,3 +142,50 @@ def test_model_error_needs_a_model(tmp_path, capsys):
     assert "no dynamics ensemble" in capsys.readouterr().err
     assert main(["evaluate", str(ckpt.parent), "--model-error", "--horizon", "0"]) == 2
     assert "--horizon" in capsys.readouterr().err
+
+
+def _policy_file(tmp_path: Path, q_value: float | None, ent_coef: float = 0.2, soft: bool = True) -> Path:
+    """A run directory holding only ``policy.pt`` (as an RLlib CQL run leaves it), critic Q = q_value or none."""
+    from dromo_ray.data.policy_io import save_policy
+
+    torch.manual_seed(0)
+    actor = TanhGaussianActor(11, 3, (16, 16))
+    critic, info = None, None
+    if q_value is not None:
+        critic = TwinCritic(11, 3, (16, 16))
+        with torch.no_grad():
+            for p in critic.parameters():
+                p.zero_()
+            critic.net.out.bias.fill_(q_value)
+        info = {"gamma": 0.99, "entropy_coef": ent_coef, "soft_backup": soft}
+    run = tmp_path / "cql_run"
+    save_policy(run / "policy.pt", actor, meta={"env_key": "hopper", "algorithm": "cql_rllib",
+                                                "learner_updates": 60}, critic=critic, critic_info=info)
+    return run
+
+
+def test_value_check_of_a_policy_file_with_its_critic(tmp_path):
+    run = _policy_file(tmp_path, q_value=-3.0, ent_coef=0.2)
+    for target in (run, run / "policy.pt"):  # the run directory finds its policy.pt
+        out = value_check(target, episodes=1, seed=4, tail=0)
+        assert (out["env"], out["algorithm"], out["step"]) == ("hopper", "cql_rllib", 60)
+        assert out["q_min_mean"] == pytest.approx(-3.0) and out["gamma"] == 0.99
+        from dromo_ray.data.policy_io import load_policy
+
+        pol = load_policy(run / "policy.pt")
+        (ep,) = record_episodes(pol, "hopper", episodes=1, seed=4)
+        assert out["mc_return_mean"] == pytest.approx(float(np.mean(discounted_tail_returns(ep.rewards, 0.99))))
+        assert out["entropy_bonus"] == pytest.approx(0.99 / 0.01 * 0.2 * out["policy_entropy"])
+
+
+def test_evaluate_a_policy_file_and_its_errors(tmp_path, capsys):
+    run = _policy_file(tmp_path, q_value=None)
+    assert main(["evaluate", str(run), "--episodes", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["env"] == "hopper"
+    assert main(["evaluate", str(run), "--episodes", "1", "--values"]) == 2
+    assert "no critic" in capsys.readouterr().err
+    assert main(["evaluate", str(run / "policy.pt"), "--episodes", "1", "--model-error"]) == 2
+    assert "no dynamics ensemble" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert main(["evaluate", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
