@@ -44,8 +44,12 @@ from dromo_ray.core.scores import final_score
 from dromo_ray.errors import ConfigError
 
 Reporter = Callable[..., None]
+# RLlib's ``qf_mean`` is the mean of min(Q_1, Q_2) at the policy's own sampled actions (``q_curr_repeat`` of its
+# CQL learner), not at the data's: it goes out as ``train/q_policy``. ``train/q_data`` (the platform agents' Q on
+# dataset rows, mean over both critics) is computed here from the learner's critic at every evaluation, on a fixed
+# probe of 256 dataset rows.
 _RLLIB_TRAIN_KEYS = {"policy_loss": "train/actor_loss", "alpha_value": "train/entropy_coef",
-                     "qf_mean": "train/q_data", "cql_loss": "train/cql_loss", "alpha_loss": "train/alpha_loss"}
+                     "qf_mean": "train/q_policy", "cql_loss": "train/cql_loss", "alpha_loss": "train/alpha_loss"}
 
 
 def dataset_to_parquet(ds: Any, directory: str | Path, row_group_size: int = 65_536) -> Path:
@@ -172,7 +176,8 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
     evals: list[dict[str, float]] = []
     step, last_policy = 0, None
     t0 = time.perf_counter()
-    obs_probe = dataset.observations[np.linspace(0, len(dataset) - 1, min(256, len(dataset))).astype(int)]
+    probe = np.linspace(0, len(dataset) - 1, min(256, len(dataset))).astype(int)
+    obs_probe, act_probe = dataset.observations[probe], dataset.actions[probe]
     bar = tqdm(total=total, disable=not progress, desc="cql_rllib", unit="upd", leave=False)
     try:
         algo = build_algo_in(build_cql_config(cfg, env_key, data_dir, chunk), run_dir / "rllib_logs")
@@ -203,6 +208,10 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
                 last_policy, _ = export_policy(learner_module(algo), run_dir / "policy.pt", obs_probe, meta={
                     "env_key": env_key, "algorithm": "cql_rllib", "learner_updates": step, "seed": cfg.seed},
                     critic=critic, critic_info=critic_info)
+                with torch.no_grad():
+                    q_data = critic(torch.as_tensor(obs_probe, dtype=torch.float32),
+                                    torch.as_tensor(act_probe, dtype=torch.float32))
+                report({"train/q_data": float(q_data.mean())}, step)
                 from dromo_ray.data.policy_io import load_policy
 
                 actor = load_policy(last_policy).actor

@@ -9,7 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-TRAIN_KEYS = {"train/critic_loss", "train/actor_loss", "train/cql_loss", "train/entropy_coef", "train/q_data"}
+TRAIN_KEYS = {"train/critic_loss", "train/actor_loss", "train/cql_loss", "train/entropy_coef", "train/q_data",
+              "train/q_policy"}
 EVAL_KEYS = {"eval/return_mean", "eval/return_std", "eval/normalized_score", "eval/episode_length"}
 
 
@@ -84,6 +85,14 @@ def test_cql_rllib_trains_evaluates_and_logs_to_mlflow(tiny_hopper_hdf5, tiny_ho
         [m["train/entropy_coef"] for _, m, _ in reports if "train/entropy_coef" in m][-1])
     from dromo_ray.train import value_check
 
+    # train/q_data: the exported critic's mean Q at the 256 probe rows of the dataset, at the last evaluation
+    probe = np.linspace(0, len(tiny_hopper_dataset) - 1, min(256, len(tiny_hopper_dataset))).astype(int)
+    import torch
+
+    with torch.no_grad():
+        q = pol.critic(torch.as_tensor(tiny_hopper_dataset.observations[probe]),
+                       torch.as_tensor(tiny_hopper_dataset.actions[probe]))
+    assert [m["train/q_data"] for _, m, _ in reports if "train/q_data" in m][-1] == pytest.approx(float(q.mean()))
     v = value_check(tmp_path / "run", episodes=1, seed=0, tail=0)
     assert v["algorithm"] == "cql_rllib" and v["step"] == 40 and v["states"] > 0
     assert np.isfinite(v["q_min_mean"]) and np.isfinite(v["mc_return_mean"])
