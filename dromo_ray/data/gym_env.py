@@ -83,6 +83,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def host_kind() -> dict[str, str]:
+    """The host's CPU model and torch's CPU kernel level (``AVX2``, ``AVX512``, ...). A collected dataset is
+    bitwise reproducible on one kind of host, not across kinds: the policy's float kernels differ in the last bit,
+    and MuJoCo's dynamics grow the difference (2026-12-03: the same suite command gave hopper-medium a behaviour
+    score of 42.36 on an AVX-512 Xeon against 42.25 on the earlier host; 1 or 2 torch threads gave identical rows)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation
 

@@ -68,7 +68,7 @@ from dromo_ray.core.files import write_text_atomic
 from dromo_ray.data import shipped
 from dromo_ray.data.d4rl_io import read_d4rl, write_d4rl
 from dromo_ray.data.dataset import OfflineDataset
-from dromo_ray.data.gym_env import collect_transitions, env_spec, package_versions
+from dromo_ray.data.gym_env import collect_transitions, env_spec, host_kind, package_versions
 from dromo_ray.data.info import dataset_info
 from dromo_ray.data.minari_io import write_minari
 from dromo_ray.data.policy_io import LoadedPolicy, load_index, load_policy
@@ -307,6 +307,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "env": spec.key, "gym_id": spec.gym_id, "size": size, "seed": seed,
         "sampling": sampling, "policies": str(policies), "suite_fingerprint": fingerprint, "versions": vers,
+        "host": host_kind(),
         "behavior": {"env_steps": index.get("env_steps"), "seed": index.get("seed"),
                      "checkpoints": len(index["checkpoints"]), "stopped_early": index.get("stopped_early", "")},
         "selection": {"expert_rule": expert_rule, "return_key": sel.return_key, "target_return": sel.target_return,
@@ -332,7 +333,7 @@ def make_suite(env: str, size: int, out: str | os.PathLike, policies: str | os.P
               "suite_size": size, "suite_seed": seed, "sampling": sampling, "expert_rule": expert_rule,
               "behavior_run_seed": int(index.get("seed", 0)), "behavior_run_env_steps": int(index.get("env_steps", 0)),
               "behavior_algorithm": index.get("algorithm", "dromo_ray_sac" if index.get("shipped") else "rllib_sac"),
-              **{f"{k}_version": v for k, v in vers.items()}}
+              **{f"{k}_version": v for k, v in vers.items()}, **{f"host_{k}": v for k, v in host_kind().items()}}
 
     def collect(part: str, ckpt: dict[str, Any] | None) -> tuple[OfflineDataset, dict[str, Any]]:
         part_seed = seed + PARTS.index(part)

@@ -277,6 +277,7 @@ def test_suite_parts_load_validated_with_metadata(suite, sac_run, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(out / "d4rl"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str((out / "minari").resolve()))
     sel = manifest["selection"]
+    assert manifest["host"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for part in PARTS:
         by_name = load_dataset(dataset_name("hopper", part))
         assert by_name.source == str(d4rl_path(out, "hopper", part))
@@ -288,6 +289,8 @@ def test_suite_parts_load_validated_with_metadata(suite, sac_run, monkeypatch):
         assert m["suite_fingerprint"] == manifest["suite_fingerprint"] and m["sampling"] == "stochastic"
         for v in ("ray_version", "gymnasium_version", "mujoco_version", "torch_version", "dromo_ray_version"):
             assert m[v]
+        # the kind of host: rows are bitwise reproducible on one kind, not across kinds (gym_env.host_kind)
+        assert m["host_torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["host_cpu"]
         entry = manifest["parts"][part]
         assert entry["transitions"] == len(by_name)
         if part in ("medium", "medium-replay", "expert"):
