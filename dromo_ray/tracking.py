@@ -241,6 +241,23 @@ def open_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: s
     return run_id
 
 
+def set_tag_racing(client: Any, run_id: str, key: str, value: str) -> None:
+    """``client.set_tag`` from the sweep's driver while the trial's own process may write the same tag.
+
+    The tag is set from both sides when a sweep stops (the trial's tracker records why its run ended, the driver
+    marks it KILLED), and MLflow's SQL store inserts a new tag row without a lock: the second insert fails on the
+    (key, run) unique constraint (seen in the interrupted-sweep test on 2026-12-03; it had passed in the same
+    sitting's first full run). When the row
+    exists the set is an update, so the driver sets it once more; the driver's value is the one that stays."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_tag(run_id, key, value)
+    except MlflowException:
+        time.sleep(0.2)
+        client.set_tag(run_id, key, value)
+
+
 def end_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: str, *, error: str | None,
                   step: Any) -> None:
     """The MLflow status of a trial that Tune ended without ``train()`` finishing its run.
@@ -258,11 +275,11 @@ def end_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: st
         return
     if error is not None:
         if run.info.status == "RUNNING":
-            client.set_tag(run_id, "failure_reason", error)
+            set_tag_racing(client, run_id, "failure_reason", error)
             client.set_terminated(run_id, status="FAILED")
         return
-    client.set_tag(run_id, "sweep.stopped_early", "true")
-    client.set_tag(run_id, "failure_reason", f"stopped early by the scheduler at step {step}")
+    set_tag_racing(client, run_id, "sweep.stopped_early", "true")
+    set_tag_racing(client, run_id, "failure_reason", f"stopped early by the scheduler at step {step}")
     if run.info.status != "KILLED":
         client.set_terminated(run_id, status="KILLED")
 
@@ -270,7 +287,7 @@ def end_trial_run(client: Any, experiment: str, parent_run_id: str, trial_id: st
 def mark_killed(client: Any, run_id: str, reason: str) -> None:
     """An unfinished run (a trial interrupted with its sweep) becomes KILLED with ``reason``; a finished one stays."""
     if client.get_run(run_id).info.status != "FINISHED":
-        client.set_tag(run_id, "failure_reason", reason)
+        set_tag_racing(client, run_id, "failure_reason", reason)
         client.set_terminated(run_id, status="KILLED")
 
 

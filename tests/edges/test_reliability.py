@@ -363,3 +363,42 @@ def test_a_kill_stays_a_kill_when_the_store_cannot_mark_it(caplog):
     assert tracker.calls == [("KILLED", "Terminated")]
     assert "could not mark the MLflow run KILLED" in caplog.text and "database is locked" in caplog.text
     assert "Background" not in caplog.text  # one line, not the store's traceback
+
+
+def test_driver_tag_write_survives_the_trial_writing_the_same_tag(tmp_path):
+    """The sweep's driver and the trial's own process both set ``failure_reason`` when a sweep stops; the second
+    insert of the same (key, run) row can fail in MLflow's SQL store. The driver sets it again, and its value
+    stays; a store that keeps failing still raises."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from dromo_ray.tracking import mark_killed, set_tag_racing
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("race")).info.run_id
+    calls = []
+
+    class Racing:
+        """A client whose first set_tag loses the race (the trial inserted the row first)."""
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def set_tag(self, rid, key, value):
+            calls.append(key)
+            if len(calls) == 1:
+                client.set_tag(rid, key, "the trial's own reason")
+                raise MlflowException("UNIQUE constraint failed: tags.key, tags.run_uuid")
+            client.set_tag(rid, key, value)
+
+    mark_killed(Racing(), run_id, "sweep interrupted")
+    run = client.get_run(run_id)
+    assert calls == ["failure_reason", "failure_reason"]
+    assert run.data.tags["failure_reason"] == "sweep interrupted" and run.info.status == "KILLED"
+
+    class Broken:
+        def set_tag(self, rid, key, value):
+            raise MlflowException("database is locked")
+
+    with pytest.raises(MlflowException, match="locked"):
+        set_tag_racing(Broken(), run_id, "k", "v")
