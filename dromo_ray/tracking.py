@@ -247,8 +247,8 @@ def set_tag_racing(client: Any, run_id: str, key: str, value: str) -> None:
     The tag is set from both sides when a sweep stops (the trial's tracker records why its run ended, the driver
     marks it KILLED), and MLflow's SQL store inserts a new tag row without a lock: the second insert fails on the
     (key, run) unique constraint (seen in the interrupted-sweep test on 2026-12-03; it had passed in the same
-    sitting's first full run). When the row
-    exists the set is an update, so the driver sets it once more; the driver's value is the one that stays."""
+    sitting's first full run). When the row exists the set is an update, so the driver sets it once more; the
+    driver's value is the one that stays."""
     from mlflow.exceptions import MlflowException
 
     try:

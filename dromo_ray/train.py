@@ -311,14 +311,13 @@ def _load_evaluated(path: str | os.PathLike[str]) -> _Evaluated:
                           str(pfile))
     actor, env_key, state = load_policy_from_checkpoint(path)
     agent_cfg, agent_state = state["config"]["agent"], state["learner"]["agent"]
-    critic = None
     try:
         weights = {k: torch.as_tensor(v) for k, v in agent_state["critic"].items()}
         num_q = int(next(iter(weights.values())).shape[0])  # EnsembleMLP: one leading row per member
         critic = TwinCritic(actor.obs_dim, actor.act_dim, tuple(agent_cfg["hidden_dims"]), num_q=num_q)
         critic.load_state_dict(weights)
     except (KeyError, RuntimeError, StopIteration):
-        critic = None
+        critic = None  # value_check says so; evaluation does not need it
     return _Evaluated(_deterministic(actor), env_key, lambda obs: torch.as_tensor(obs, dtype=torch.float32), actor,
                       critic, float(agent_cfg["gamma"]),
                       float(np.exp(np.asarray(agent_state.get("log_ent_coef", 0.0), dtype=np.float64))),

@@ -205,7 +205,7 @@ def run_cql_rllib(cfg: Any, dataset: Any, run_dir: str | Path, *, reporter: Repo
                 critic = critic_from_weights(learned, dataset.observations.shape[1], dataset.actions.shape[1])
                 critic_info = {"gamma": cfg.agent.gamma, "soft_backup": True,
                                "entropy_coef": metrics.get("train/entropy_coef", cfg.agent.init_entropy_coef)}
-                last_policy, _ = export_policy(learner_module(algo), run_dir / "policy.pt", obs_probe, meta={
+                last_policy, _ = export_policy(learner_module(algo, learned), run_dir / "policy.pt", obs_probe, meta={
                     "env_key": env_key, "algorithm": "cql_rllib", "learner_updates": step, "seed": cfg.seed},
                     critic=critic, critic_info=critic_info)
                 with torch.no_grad():

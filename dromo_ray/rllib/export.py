@@ -179,16 +179,18 @@ def export_policy(module: Any, path: str | os.PathLike, obs: np.ndarray,
     return save_policy(path, actor, None, None, full, critic=critic, critic_info=critic_info), report
 
 
-def learner_module(algo: Any) -> Any:
+def learner_module(algo: Any, learned: Mapping[str, Any] | None = None) -> Any:
     """The local EnvRunner's module after syncing it with the learner's weights, checked to hold them.
 
     (SAC syncs after every update already; CQL never does. Exporting a stale module would be silent.)
+    ``learned``: the learner's weights when the caller already fetched them (``learner_group.get_weights()``).
     """
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
     module = algo.get_module()
-    learned = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+    if learned is None:
+        learned = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
     mine = module.state_dict()
     for key, value in learned.items():
         if key.startswith(("pi.", "pi_encoder.")):
